@@ -1,0 +1,1 @@
+"""Orchestration: configuration, planning, Ray execution, resume and the CLI."""

@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny open_clip tower with random weights, generated images, one Ray cluster."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# A ViT small enough to run in milliseconds on CPU: 64 px, patch 8 (8x8 = 64 patches), width 64, 4 blocks.
+TINY_MODEL_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 64, "layers": 4, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config(tmp_path_factory) -> Path:
+    """Path to an open_clip model-config JSON for the tiny tower."""
+    path = tmp_path_factory.mktemp("models") / "mm-tiny-vit.json"
+    path.write_text(json.dumps(TINY_MODEL_CONFIG))
+    return path
+
+
+def make_image(seed: int, size=(80, 60)) -> np.ndarray:
+    """A deterministic RGB uint8 image with structure (gradients + a bright square), H x W x 3."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), np.full_like(xx, rng.integers(0, 255))], -1)
+    x0, y0 = rng.integers(0, w // 2), rng.integers(0, h // 2)
+    img[y0 : y0 + h // 3, x0 : x0 + w // 3] = rng.integers(0, 255, size=3)
+    img = img + rng.integers(0, 20, size=img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
