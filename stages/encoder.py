@@ -1,0 +1,306 @@
+"""A CLIP vision tower with token merging that returns CLS-attention saliency on the patch grid.
+
+`load_encoder` builds any open_clip ViT (model name or model-config JSON; pretrained tag,
+local checkpoint or none) and wraps its vision tower in `MergingEncoder`. The encoder runs
+the tower's own weights block by block, merging tokens (stages.tome) in the blocks before
+the saliency layer, and at the saliency layer computes only the CLS query row of the
+attention (O(tokens) per head) instead of the whole N x N map. Both open_clip block types
+(nn.MultiheadAttention and open_clip's own Attention) keep the same parameter names
+(ln_1, attn.in_proj_weight/bias, attn.out_proj, ls_1, ln_2, mlp, ls_2), which is all we use.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stages.errors import UserError
+from stages.tome import MergeState, bipartite_merge, merge_schedule
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Saliency:
+    """Encoder output for a batch of B images.
+
+    grid:          (B, gh, gw) float32, CLS attention (heads summed) recovered onto the patch grid.
+    token_scores:  (B, K) float32, the same attention per merged patch token (K = L - R).
+    source:        (B, L) int64, index in [0, K) of the merged token each patch belongs to,
+                   as the map stood at the saliency layer's input.
+    tokens_per_layer: tokens (CLS included) entering each block up to the saliency layer.
+    """
+
+    grid: torch.Tensor
+    token_scores: torch.Tensor
+    source: torch.Tensor
+    tokens_per_layer: list[int] = field(default_factory=list)
+
+    @property
+    def flat(self) -> torch.Tensor:
+        return self.grid.flatten(1)
+
+
+class MergingEncoder(nn.Module):
+    """open_clip VisionTransformer + token merging + CLS-row saliency at one block."""
+
+    def __init__(
+        self,
+        visual: nn.Module,
+        merge: int = 0,
+        attn_layer: int = -2,
+        prop_attn: bool = False,
+        schedule: str = "constant",
+        mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
+        std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
+    ):
+        super().__init__()
+        _check_supported(visual)
+        self.visual = visual.eval()
+        self.blocks = visual.transformer.resblocks
+        depth = len(self.blocks)
+        if not -depth <= attn_layer < depth:
+            raise UserError(f"--attn-layer {attn_layer} is outside the tower's {depth} blocks (use 0..{depth - 1} or -1..-{depth})")
+        self.attn_layer = attn_layer % depth
+        self.image_size = tuple(visual.image_size)
+        self.patch = tuple(visual.patch_size)
+        self.grid = tuple(visual.grid_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.prop_attn = prop_attn
+        self.merge_total = merge
+        try:
+            self.schedule = merge_schedule(merge, self.attn_layer, self.num_patches + 1, schedule)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        self.schedule_kind = schedule
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.autocast_dtype: torch.dtype | None = None
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual.conv1.weight.device
+
+    @property
+    def tokens_kept(self) -> int:
+        return self.num_patches - self.merge_total
+
+    # --- the forward pass, one block at a time ------------------------------------------
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        x = v.conv1(images).flatten(2).transpose(1, 2)  # (B, L, C)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        return v.ln_pre(x)  # patch dropout is the identity in eval
+
+    def _qkv(self, block: nn.Module, h: torch.Tensor):
+        attn = block.attn
+        batch, n, width = h.shape
+        heads = attn.num_heads
+        q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.reshape(batch, n, heads, width // heads).transpose(1, 2) for t in (q, k, v))
+        q, k = _apply(attn, "ln_q", q), _apply(attn, "ln_k", k)
+        return q, k, v
+
+    def _attention(self, block: nn.Module, state: MergeState):
+        """Attention sub-block on the (possibly merged) tokens; returns output and keys."""
+        attn = block.attn
+        q, k, v = self._qkv(block, block.ln_1(state.x))
+        bias = self._size_bias(state, q.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if getattr(attn, "head_scale", None) is not None:
+            o = o * attn.head_scale
+        o = o.transpose(1, 2).flatten(2)
+        o = attn.out_proj(_apply(attn, "ln_inner", o))
+        o = _apply(block, "ln_attn", o)
+        return o, k
+
+    def _size_bias(self, state: MergeState, dtype: torch.dtype) -> torch.Tensor | None:
+        """Proportional attention: a token standing for s patches gets log(s) added to its logits."""
+        if not self.prop_attn:
+            return None
+        return state.size.log().to(dtype).transpose(1, 2).unsqueeze(1)  # (B, 1, 1, N)
+
+    def _cls_attention(self, block: nn.Module, state: MergeState) -> torch.Tensor:
+        """CLS query against all keys at `block`, softmax, heads summed: (B, N), fp32."""
+        attn = block.attn
+        h = block.ln_1(state.x)
+        width = h.shape[-1]
+        w_q, w_k = attn.in_proj_weight[:width], attn.in_proj_weight[width : 2 * width]
+        b = attn.in_proj_bias
+        b_q, b_k = (None, None) if b is None else (b[:width], b[width : 2 * width])
+        batch, n, _ = h.shape
+        heads = attn.num_heads
+        q = F.linear(h[:, :1], w_q, b_q).reshape(batch, 1, heads, -1).transpose(1, 2)
+        k = F.linear(h, w_k, b_k).reshape(batch, n, heads, -1).transpose(1, 2)
+        q, k = _apply(attn, "ln_q", q), _apply(attn, "ln_k", k)
+        logits = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, 1, N)
+        if self.prop_attn:
+            logits = logits + state.size.float().log().transpose(1, 2).unsqueeze(1)
+        return logits.softmax(dim=-1).sum(dim=1).squeeze(1)
+
+    def _block(self, block: nn.Module, state: MergeState, r: int) -> MergeState:
+        o, k = self._attention(block, state)
+        state = MergeState(state.x + block.ls_1(o), state.size, state.source)
+        state = bipartite_merge(state, k.mean(dim=1), r)  # keys averaged over heads, per image
+        x = state.x + block.ls_2(block.mlp(block.ln_2(state.x)))
+        return MergeState(x, state.size, state.source)
+
+    def _autocast(self):
+        dtype = self.autocast_dtype
+        enabled = dtype is not None and self.device.type == "cuda"
+        return torch.autocast(device_type=self.device.type, dtype=dtype or torch.bfloat16, enabled=enabled)
+
+    @torch.no_grad()
+    def saliency(self, images: torch.Tensor) -> Saliency:
+        """Saliency for normalised images (B, 3, H, W); stops at the saliency layer."""
+        if images.ndim != 4 or tuple(images.shape[-2:]) != self.image_size:
+            raise ValueError(f"expected images of shape (B, 3, {self.image_size[0]}, {self.image_size[1]}), got {tuple(images.shape)}")
+        with self._autocast():
+            state = MergeState.start(self._embed(images.to(self.device)))
+            counts = []
+            for block, r in zip(self.blocks, self.schedule):
+                counts.append(state.x.shape[1])
+                state = self._block(block, state, r)
+            counts.append(state.x.shape[1])
+            cls_row = self._cls_attention(self.blocks[self.attn_layer], state)
+        token_scores = cls_row[:, 1:].float()
+        source = state.source - 1  # token index -> patch-token index in [0, K)
+        grid = token_scores.gather(1, source).view(-1, *self.grid)
+        return Saliency(grid=grid, token_scores=token_scores, source=source, tokens_per_layer=counts)
+
+    @torch.no_grad()
+    def saliency_from_pixels(self, pixels: torch.Tensor | np.ndarray) -> Saliency:
+        """Saliency for uint8 pixels (B, H, W, 3) at the encoder geometry.
+
+        uint8 goes to the device (4x less traffic than fp32) and is normalised there.
+        """
+        pixels = torch.as_tensor(pixels)
+        if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
+            raise ValueError(f"expected uint8 pixels (B, H, W, 3), got {pixels.dtype} {tuple(pixels.shape)}")
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory()
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        return self.saliency((x - self.mean) / self.std)
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Full tower (merging in the scheduled blocks) to the pooled, projected embedding."""
+        v = self.visual
+        with self._autocast():
+            state = MergeState.start(self._embed(images.to(self.device)))
+            for i, block in enumerate(self.blocks):
+                state = self._block(block, state, self.schedule[i] if i < len(self.schedule) else 0)
+            pooled, _ = v._pool(state.x)
+            return pooled @ v.proj if v.proj is not None else pooled
+
+    def describe(self) -> dict:
+        """What a shard records about the encoder."""
+        return {
+            "merge_total": self.merge_total,
+            "merge_schedule": list(self.schedule),
+            "attn_layer": self.attn_layer,
+            "prop_attn": self.prop_attn,
+            "grid": list(self.grid),
+            "image_size": list(self.image_size),
+            "patch_size": list(self.patch),
+        }
+
+
+def _apply(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Apply an optional sub-module (open_clip uses nn.Identity or omits it when unused)."""
+    sub = getattr(module, name, None)
+    return x if sub is None else sub(x)
+
+
+def _check_supported(visual: nn.Module) -> None:
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if blocks is None or not hasattr(visual, "conv1"):
+        raise UserError(f"{type(visual).__name__} is not an open_clip VisionTransformer; token merging needs a ViT tower")
+    if getattr(visual, "attn_pool", None) is not None:
+        raise UserError("vision towers with attentional pooling are not supported")
+    attn = blocks[0].attn
+    if getattr(attn, "logit_scale", None) is not None:
+        raise UserError("scaled-cosine attention towers are not supported")
+    if isinstance(attn, nn.MultiheadAttention) and not attn._qkv_same_embed_dim:
+        raise UserError("attention with separate q/k/v projections is not supported")
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+def load_encoder(
+    model: str = "ViT-L-14-336",
+    pretrained: str | None = "openai",
+    *,
+    merge: int = 0,
+    attn_layer: int = -2,
+    prop_attn: bool = False,
+    schedule: str = "constant",
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> MergingEncoder:
+    """Build the encoder. `model`: open_clip name or path to a model-config JSON;
+    `pretrained`: open_clip tag, local checkpoint path, or None/"none" for random weights."""
+    import open_clip
+
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    name = _register_model(model, open_clip)
+    tag = None if pretrained in (None, "", "none") else str(pretrained)
+    if tag is None:
+        log.warning("RANDOM WEIGHTS: %s built with --pretrained none; saliency is meaningless for real data", model)
+    elif not Path(tag).is_file() and tag not in open_clip.list_pretrained_tags_by_model(name):
+        if Path(tag).suffix or "/" in tag:
+            raise UserError(f"checkpoint {tag} not found; pass --pretrained PATH to an existing file, or --pretrained none")
+        known = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none known"
+        raise UserError(f"{model} has no pretrained tag {tag!r} (tags: {known}); or pass --pretrained PATH or --pretrained none")
+    try:
+        clip = open_clip.create_model(name, pretrained=tag, weights_only=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if tag is None:
+            raise
+        raise UserError(
+            f"could not load pretrained weights {tag!r} for {model} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+            "download them where you have network and pass --pretrained PATH, or use --pretrained none for random weights"
+        ) from None
+    pre = open_clip.get_model_preprocess_cfg(clip)
+    visual = clip.visual
+    del clip  # the text tower is not needed
+    encoder = MergingEncoder(visual, merge, attn_layer, prop_attn, schedule, pre.get("mean", (0.48145466, 0.4578275, 0.40821073)), pre.get("std", (0.26862954, 0.26130258, 0.27577711)))
+    encoder.to(device)
+    if torch.device(device).type == "cuda" and precision != "fp32":
+        encoder.autocast_dtype = PRECISIONS[precision]
+    return encoder
+
+
+def _register_model(model: str, open_clip) -> str:
+    """Model names pass through; a config JSON is registered with open_clip under its file stem."""
+    path = Path(model)
+    if path.suffix != ".json":
+        if model not in open_clip.list_models():
+            raise UserError(f"unknown open_clip model {model!r}; pass a model name (e.g. ViT-L-14-336) or a model-config JSON path")
+        return model
+    if not path.is_file():
+        raise UserError(f"model config {model} not found")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"model config {model} is not valid JSON: {exc}") from None
+    if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise UserError(f"model config {model} needs embed_dim, vision_cfg and text_cfg (an open_clip model config)")
+    open_clip.add_model_config(path)
+    return path.stem

@@ -1,0 +1,130 @@
+"""Token Merging (ToMe) for open_clip ViT blocks, written from the algorithm.
+
+One merge step (per image, no gradient): split the tokens by position parity into A (even,
+CLS at 0) and B (odd), score every A token against every B token by cosine similarity of
+the attention keys (averaged over heads), let each A token pick its best B partner, and
+merge the `r` A tokens with the highest best-score into their partners as a size-weighted
+mean. The new order is [unmerged A tokens in their original order (so CLS stays first),
+then B tokens]. Sizes add, and a source map (patch -> token index) follows every merge, so
+attention on merged tokens can be recovered onto the original patch grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SCHEDULES = ("constant", "decreasing")
+
+
+def max_merge(num_tokens: int) -> int:
+    """Most tokens one bipartite step can remove: every non-CLS A token, at most one per B token."""
+    num_a = (num_tokens + 1) // 2
+    return min(num_a - 1, num_tokens // 2)
+
+
+def merge_schedule(total: int, layers: int, num_tokens: int, kind: str = "constant") -> list[int]:
+    """Spread `total` merges over `layers` blocks; returns merges per block (sums to `total`).
+
+    constant: equal shares (the remainder goes to the earliest blocks); decreasing: shares
+    proportional to layers-l, so early blocks merge most. A block never merges more than
+    `max_merge` of the tokens entering it; any excess moves on to the next blocks.
+    """
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown merge schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
+    if total < 0:
+        raise ValueError(f"merge total must be >= 0, got {total}")
+    if total == 0:
+        return [0] * layers
+    if layers <= 0:
+        raise ValueError(f"merge {total} needs at least one block before the saliency layer")
+    weights = [1.0] * layers if kind == "constant" else [float(layers - i) for i in range(layers)]
+    wanted = _apportion(total, weights)
+    schedule, tokens, carry = [], num_tokens, 0
+    for r in wanted:
+        take = min(r + carry, max_merge(tokens))
+        carry += r - take
+        schedule.append(take)
+        tokens -= take
+    if carry:
+        raise ValueError(
+            f"cannot merge {total} of {num_tokens - 1} patch tokens in {layers} blocks "
+            f"(each block removes at most half of its tokens); lower --merge or use a later --attn-layer"
+        )
+    return schedule
+
+
+def _apportion(total: int, weights: list[float]) -> list[int]:
+    """Integer shares of `total` proportional to `weights` (largest remainder, ties to earlier)."""
+    norm = sum(weights)
+    exact = [total * w / norm for w in weights]
+    shares = [int(e) for e in exact]
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in order[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+@dataclass
+class MergeState:
+    """Tokens plus what merging needs to remember about them.
+
+    size:   (B, N, 1) how many original tokens each token stands for.
+    source: (B, L) for every original patch, the index of the token that holds it now
+            (CLS is token 0 and is never merged, so patches map to 1..N-1).
+    """
+
+    x: torch.Tensor
+    size: torch.Tensor
+    source: torch.Tensor
+
+    @classmethod
+    def start(cls, x: torch.Tensor) -> "MergeState":
+        batch, num_tokens, _ = x.shape
+        size = torch.ones(batch, num_tokens, 1, device=x.device, dtype=x.dtype)
+        source = torch.arange(1, num_tokens, device=x.device).expand(batch, -1).contiguous()
+        return cls(x, size, source)
+
+
+@torch.no_grad()
+def bipartite_merge(state: MergeState, metric: torch.Tensor, r: int) -> MergeState:
+    """Remove `r` tokens per image by bipartite soft matching on `metric` (B, N, d)."""
+    if r <= 0:
+        return state
+    x, size = state.x, state.size
+    batch, num_tokens, width = x.shape
+    r = min(r, max_merge(num_tokens))
+
+    # Similarity in fp32: the ranking decides which tokens merge and must not depend on autocast.
+    m = metric.float()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)  # (B, Na, Nb)
+    scores[:, 0, :] = -torch.inf  # CLS (A position 0) can never merge
+    best, best_b = scores.max(dim=-1)  # each A token's best B partner
+    order = torch.sort(best, dim=-1, descending=True, stable=True).indices
+    src = order[:, :r]  # A tokens that merge away
+    unm = order[:, r:].sort(dim=-1).values  # A tokens that stay, original order: CLS first
+    dst = best_b.gather(1, src)
+
+    num_a, num_b = (num_tokens + 1) // 2, num_tokens // 2
+    x_a, x_b = x[:, ::2], x[:, 1::2]
+    s_a, s_b = size[:, ::2], size[:, 1::2]
+    src_w = src.unsqueeze(-1).expand(-1, -1, width)
+    dst_w = dst.unsqueeze(-1).expand(-1, -1, width)
+    # Size-weighted mean: B tokens accumulate (x * size) of the A tokens merged into them.
+    weighted = (x_b * s_b).scatter_add(1, dst_w, (x_a * s_a).gather(1, src_w))
+    s_b_new = s_b.scatter_add(1, dst.unsqueeze(-1), s_a.gather(1, src.unsqueeze(-1)))
+    x_b_new = weighted / s_b_new
+    x_new = torch.cat([x_a.gather(1, unm.unsqueeze(-1).expand(-1, -1, width)), x_b_new], dim=1)
+    size_new = torch.cat([s_a.gather(1, unm.unsqueeze(-1)), s_b_new], dim=1)
+
+    # Where every old token went, then push the patch -> token map through it.
+    num_unm = num_a - r
+    device = x.device
+    new_of_a = torch.empty(batch, num_a, dtype=torch.long, device=device)
+    new_of_a.scatter_(1, unm, torch.arange(num_unm, device=device).expand(batch, -1))
+    new_of_a.scatter_(1, src, num_unm + dst)
+    new_of_old = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+    new_of_old[:, ::2] = new_of_a
+    new_of_old[:, 1::2] = num_unm + torch.arange(num_b, device=device)
+    return MergeState(x_new, size_new, new_of_old.gather(1, state.source))

@@ -1,0 +1,180 @@
+"""The ToMe encoder against stock open_clip, and the invariants of merging."""
+from __future__ import annotations
+
+import copy
+import json
+
+import open_clip
+import pytest
+import torch
+
+from stages.encoder import MergingEncoder, load_encoder
+from stages.errors import UserError
+from stages.tome import MergeState, bipartite_merge, max_merge, merge_schedule
+from tests.conftest import TINY_MODEL_CONFIG
+
+
+def _clip(tmp_path, **vision_overrides):
+    cfg = copy.deepcopy(TINY_MODEL_CONFIG)
+    cfg["vision_cfg"].update(vision_overrides)
+    name = "mm-test-" + "-".join(f"{k}{v}" for k, v in sorted(vision_overrides.items())) if vision_overrides else "mm-test"
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    torch.manual_seed(0)
+    return open_clip.create_model(name, pretrained=None).eval(), path
+
+
+def _images(n=3, seed=0):
+    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("block_type", ["default", "custom"])
+def test_unmerged_embedding_matches_stock_open_clip(tmp_path, block_type):
+    clip, _ = _clip(tmp_path, block_type=block_type, ls_init_value=0.5)
+    enc = MergingEncoder(clip.visual, merge=0)
+    x = _images()
+    with torch.no_grad():
+        expected = clip.encode_image(x)
+    torch.testing.assert_close(enc.encode_image(x), expected, atol=1e-5, rtol=0)
+
+
+def _direct_cls_attention(visual, x, layer):
+    """CLS-row attention of block `layer`, from nn.MultiheadAttention's own weights output."""
+    with torch.no_grad():
+        h = visual._embeds(x)
+        for block in visual.transformer.resblocks[:layer]:
+            h = block(h)
+        block = visual.transformer.resblocks[layer]
+        y = block.ln_1(h)
+        _, weights = block.attn(y, y, y, need_weights=True, average_attn_weights=False)
+    return weights[:, :, 0, 1:].sum(dim=1)  # (B, L)
+
+
+@pytest.mark.parametrize("layer", [-2, 0, 3])
+def test_unmerged_saliency_matches_direct_attention(tmp_path, layer):
+    clip, _ = _clip(tmp_path)
+    enc = MergingEncoder(clip.visual, merge=0, attn_layer=layer)
+    x = _images()
+    sal = enc.saliency(x)
+    expected = _direct_cls_attention(clip.visual, x, layer % 4)
+    assert sal.grid.shape == (3, 8, 8)
+    torch.testing.assert_close(sal.grid.flatten(1), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sal.token_scores, expected, atol=1e-5, rtol=0)
+    assert torch.equal(sal.source, torch.arange(64).expand(3, -1))
+
+
+@pytest.mark.parametrize("kind", ["constant", "decreasing"])
+def test_merged_saliency_invariants(tmp_path, kind):
+    clip, _ = _clip(tmp_path)
+    enc = MergingEncoder(clip.visual, merge=40, attn_layer=-1, schedule=kind)
+    sal = enc.saliency(_images(4))
+    k = 64 - 40
+    assert sum(enc.schedule) == 40 and len(enc.schedule) == 3
+    expected_counts = [65]
+    for r in enc.schedule:
+        expected_counts.append(expected_counts[-1] - r)
+    assert sal.tokens_per_layer == expected_counts
+    assert sal.token_scores.shape == (4, k)
+    # Every patch belongs to exactly one merged token and every merged token holds a patch.
+    assert sal.source.min() >= 0 and sal.source.max() < k
+    counts = torch.stack([torch.bincount(s, minlength=k) for s in sal.source])
+    assert (counts >= 1).all() and (counts.sum(1) == 64).all()
+    # Recovery: each patch carries its merged token's score.
+    torch.testing.assert_close(sal.grid.flatten(1), sal.token_scores.gather(1, sal.source))
+    # CLS attention over all tokens sums to the number of heads; patches get the rest.
+    assert (sal.token_scores.sum(1) < 4.0 + 1e-4).all()
+
+
+def test_merge_keeps_cls_first_and_conserves_mass():
+    torch.manual_seed(1)
+    x = torch.randn(2, 17, 8)
+    state = MergeState.start(x)
+    for r in (5, 3, 2):
+        before = (state.x * state.size).sum(1)
+        metric = torch.randn(*state.x.shape[:2], 4)
+        metric[:, 0] = metric[:, 1]  # CLS looks exactly like a patch: it must still never merge
+        state = bipartite_merge(state, metric, r)
+        torch.testing.assert_close((state.x * state.size).sum(1), before, atol=1e-5, rtol=1e-5)
+        assert torch.equal(state.x[:, 0], x[:, 0]) and (state.size[:, 0] == 1).all()
+    assert state.x.shape[1] == 17 - 10
+    assert (state.size.sum(1).squeeze(-1) == 17).all()
+    sizes_from_source = torch.stack([torch.bincount(s, minlength=7) for s in state.source])
+    assert torch.equal(sizes_from_source[:, 1:], state.size[:, 1:, 0].long())
+
+
+def test_merging_is_per_image(tmp_path):
+    """The merge pattern of one image does not depend on the rest of the batch."""
+    clip, _ = _clip(tmp_path)
+    enc = MergingEncoder(clip.visual, merge=30)
+    x = _images(4, seed=3)
+    together = enc.saliency(x)
+    alone = [enc.saliency(x[i : i + 1]) for i in range(4)]
+    assert torch.equal(together.source, torch.cat([a.source for a in alone]))
+    torch.testing.assert_close(together.grid, torch.cat([a.grid for a in alone]), atol=1e-6, rtol=0)
+
+
+def test_proportional_attention_changes_only_merged_runs(tmp_path):
+    clip, _ = _clip(tmp_path)
+    x = _images()
+    plain, prop = (MergingEncoder(clip.visual, merge=0, prop_attn=p).saliency(x).grid for p in (False, True))
+    torch.testing.assert_close(plain, prop)  # log(size) = 0 when nothing merged
+    plain, prop = (MergingEncoder(clip.visual, merge=30, prop_attn=p).saliency(x).grid for p in (False, True))
+    assert not torch.allclose(plain, prop)
+
+
+def test_schedule_rules():
+    assert merge_schedule(98, 10, 197) == [10] * 8 + [9] * 2
+    ramp = merge_schedule(98, 10, 197, "decreasing")
+    assert sum(ramp) == 98 and ramp == sorted(ramp, reverse=True) and ramp[0] > ramp[-1]
+    assert merge_schedule(288, 22, 577) == [14, 14] + [13] * 20
+    assert merge_schedule(0, 5, 65) == [0] * 5
+    assert max_merge(65) == 32 and max_merge(2) == 0
+    capped = merge_schedule(40, 2, 65)  # 20 + 20 wanted, first block can do 32: fine as is
+    assert capped == [20, 20]
+    with pytest.raises(ValueError, match="cannot merge"):
+        merge_schedule(60, 2, 65)
+    with pytest.raises(ValueError, match="schedule"):
+        merge_schedule(10, 2, 65, "sideways")
+
+
+def test_load_from_config_json_and_local_checkpoint(tiny_model_config, tmp_path):
+    enc = load_encoder(str(tiny_model_config), "none", merge=16)
+    assert enc.grid == (8, 8) and enc.tokens_kept == 48 and enc.attn_layer == 2
+    ckpt = tmp_path / "tiny.pt"
+    torch.manual_seed(7)
+    clip = open_clip.create_model(tiny_model_config.stem, pretrained=None)
+    torch.save(clip.state_dict(), ckpt)
+    loaded = load_encoder(str(tiny_model_config), str(ckpt))
+    torch.testing.assert_close(loaded.visual.conv1.weight, clip.visual.conv1.weight)
+    pixels = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    sal = loaded.saliency_from_pixels(pixels)
+    assert sal.grid.shape == (2, 8, 8) and torch.isfinite(sal.grid).all()
+
+
+def test_user_mistakes_are_clear(tiny_model_config, tmp_path):
+    with pytest.raises(UserError, match="unknown open_clip model"):
+        load_encoder("ViT-Nope", "none")
+    with pytest.raises(UserError, match="--pretrained PATH"):
+        load_encoder(str(tiny_model_config), str(tmp_path / "missing.pt"))
+    with pytest.raises(UserError, match="--pretrained none"):
+        load_encoder(str(tiny_model_config), "laion2b")
+    with pytest.raises(UserError, match="attn-layer"):
+        load_encoder(str(tiny_model_config), "none", attn_layer=9)
+    with pytest.raises(UserError, match="cannot merge"):
+        load_encoder(str(tiny_model_config), "none", merge=63, attn_layer=1)
+    enc = load_encoder(str(tiny_model_config), "none")
+    with pytest.raises(ValueError, match="uint8"):
+        enc.saliency_from_pixels(torch.zeros(1, 64, 64, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_autocast_close_to_fp32(tiny_model_config, precision):
+    cpu = load_encoder(str(tiny_model_config), "none", merge=0)
+    gpu = load_encoder(str(tiny_model_config), "none", merge=0, device="cuda", precision=precision)
+    gpu.visual.load_state_dict(cpu.visual.state_dict())
+    pixels = torch.randint(0, 256, (8, 64, 64, 3), dtype=torch.uint8)
+    ref = cpu.saliency_from_pixels(pixels).grid
+    got = gpu.saliency_from_pixels(pixels).grid.cpu()
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=5e-2)
