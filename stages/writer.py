@@ -1,0 +1,392 @@
+"""Write one work unit as shard files, committed atomically; write the run-level files.
+
+A unit is committed when `shards/NNNNNN_stats.json` exists: the tar and the Parquet file
+are written to temporary names, fsynced and renamed first, and the stats file last, so a
+crash at any point leaves either a committed unit or leftovers that `clean_uncommitted`
+removes. Tars have fixed headers (mtime 0, uid/gid 0, mode 0444, USTAR) so the same
+content gives byte-identical tars.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from schemas.shard import (
+    IMAGE_FORMATS,
+    SCHEMA_VERSION,
+    STATUSES,
+    member_name,
+    shard_name,
+    table_from_rows,
+)
+
+SHARDS_DIR = "shards"
+TMP_SUFFIX = ".tmp"
+STATS_SUFFIX = "_stats.json"
+TAR_MTIME = 0  # fixed so identical content gives identical bytes
+
+
+@dataclass
+class PairImages:
+    """Pixels of one pair, as uint8 arrays."""
+
+    winner: np.ndarray  # H x W x 3, exactly the pixels the encoder saw
+    loser: np.ndarray  # H x W x 3, the mixed image
+    mask: np.ndarray  # gh x gw, 255 = patch from the winner, 0 = from the partner
+    saliency: np.ndarray | None = None  # gh x gw float, optional; stored in the row's `saliency`
+
+
+def shards_dir(out_dir: Path) -> Path:
+    return Path(out_dir) / SHARDS_DIR
+
+
+def encode_image(pixels: np.ndarray, image_format: str, jpeg_quality: int = 95) -> bytes:
+    """Encode uint8 pixels. jpg uses 4:4:4 chroma (no subsampling: mask edges stay sharp);
+    png and webp are lossless, so decoding gives back exactly `pixels`."""
+    img = Image.fromarray(pixels)
+    buf = io.BytesIO()
+    if image_format == "jpg":
+        img.save(buf, format="JPEG", quality=jpeg_quality, subsampling=0)
+    elif image_format == "png":
+        img.save(buf, format="PNG", compress_level=6)
+    elif image_format == "webp":
+        img.save(buf, format="WEBP", lossless=True, quality=80, method=4, exact=True)
+    else:
+        raise ValueError(f"image format {image_format!r} is not one of {IMAGE_FORMATS}")
+    return buf.getvalue()
+
+
+def _check_pair(key: str, pair: PairImages) -> None:
+    for name in ("winner", "loser"):
+        arr = getattr(pair, name)
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(f"{key}: {name} must be uint8 H x W x 3, got {arr.dtype} {arr.shape}")
+    if pair.winner.shape != pair.loser.shape:
+        raise ValueError(f"{key}: winner {pair.winner.shape} and loser {pair.loser.shape} differ")
+    if pair.mask.dtype != np.uint8 or pair.mask.ndim != 2:
+        raise ValueError(f"{key}: mask must be uint8 gh x gw, got {pair.mask.dtype} {pair.mask.shape}")
+    if not np.isin(pair.mask, (0, 255)).all():
+        raise ValueError(f"{key}: mask values must be 0 or 255")
+
+
+def _fill_from_pixels(row: dict, pair: PairImages) -> None:
+    """Fill geometry fields the caller left empty, and check the ones it set."""
+    derived = {
+        "image_size": [int(pair.winner.shape[0]), int(pair.winner.shape[1])],
+        "grid": [int(pair.mask.shape[0]), int(pair.mask.shape[1])],
+        "kept_patches": int((pair.mask == 255).sum()),
+    }
+    for name, value in derived.items():
+        if row[name] is None:
+            row[name] = value
+        elif (list(row[name]) if name != "kept_patches" else int(row[name])) != value:
+            raise ValueError(f"{row['key']}: {name}={row[name]!r} does not match the pixels ({value!r})")
+    if pair.saliency is not None and row["saliency"] is None:
+        sal = np.asarray(pair.saliency, dtype=np.float32)
+        if sal.shape != pair.mask.shape:
+            raise ValueError(f"{row['key']}: saliency {sal.shape} does not match mask {pair.mask.shape}")
+        row["saliency"] = sal.reshape(-1).tolist()
+
+
+class _HashingFile:
+    """File wrapper that feeds every written byte to md5 (for wids) and counts them."""
+
+    def __init__(self, f):
+        self.f, self.md5, self.size = f, hashlib.md5(), 0
+
+    def write(self, data) -> int:
+        self.md5.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, TAR_MTIME, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(final: Path) -> Path:
+    # Hidden and unique: globs for *.tar never see it, and two writers of one unit never collide.
+    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = _tmp_name(path)
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, allow_nan=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_unit(
+    out_dir: Path,
+    unit_id: int,
+    rows: list[dict],
+    images: dict[str, PairImages],
+    *,
+    image_format: str = "jpg",
+    jpeg_quality: int = 95,
+    fingerprint: str,
+    extra_stats: dict | None = None,
+) -> dict:
+    """Write and commit unit `unit_id`: tar (ok samples), Parquet (all rows), then stats.
+
+    `rows` are one per input in input order (every FIELDS key present, see
+    `schemas.shard.empty_row`); ok rows need `images[row["key"]]`. Fills the hash fields,
+    image_format, jpeg_quality, fingerprint and missing geometry in `rows` (in place).
+    Returns the stats dict that was written.
+    """
+    t0 = time.perf_counter()
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image format {image_format!r} is not one of {IMAGE_FORMATS}")
+    if not 1 <= int(jpeg_quality) <= 100:
+        raise ValueError(f"jpeg quality {jpeg_quality} is not in 1..100")
+    sdir = shards_dir(out_dir)
+    sdir.mkdir(parents=True, exist_ok=True)
+    name = shard_name(unit_id)
+    seen = set()
+    for pos, row in enumerate(rows):
+        key = row.get("key")
+        if key in seen:
+            raise ValueError(f"unit {unit_id}: duplicate key {key!r}")
+        seen.add(key)
+        if row.get("status") not in STATUSES:
+            raise ValueError(f"{key}: status {row.get('status')!r} is not one of {STATUSES}")
+        if row.get("unit") is None:
+            row["unit"] = unit_id
+        if row.get("index") is None:
+            row["index"] = pos
+        if row["unit"] != unit_id or row["index"] != pos:
+            raise ValueError(f"{key}: unit/index {row['unit']}/{row['index']} != {unit_id}/{pos}")
+        if row["status"] != "ok" and key in images:
+            raise ValueError(f"{key}: images given for a {row['status']} row")
+        if row["status"] == "ok" and key not in images:
+            raise ValueError(f"{key}: ok row without images")
+        row["fingerprint"] = fingerprint
+        row["schema_version"] = SCHEMA_VERSION
+
+    # Encode images and fill the per-row fields that depend on them.
+    members: dict[str, list[tuple[str, bytes]]] = {}
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        key, pair = row["key"], images[row["key"]]
+        _check_pair(key, pair)
+        _fill_from_pixels(row, pair)
+        encoded = {
+            "winner": encode_image(pair.winner, image_format, jpeg_quality),
+            "loser": encode_image(pair.loser, image_format, jpeg_quality),
+            "mask": encode_image(pair.mask, "png"),
+        }
+        for part, data in encoded.items():
+            row[f"{part}_sha256"] = hashlib.sha256(data).hexdigest()
+        row["image_format"] = image_format
+        row["jpeg_quality"] = int(jpeg_quality) if image_format == "jpg" else None
+        members[key] = [(member_name(key, part, image_format), data) for part, data in encoded.items()]
+    t_encode = time.perf_counter()
+
+    # Typed once here: the JSON records are exactly what the Parquet file will read back.
+    table = table_from_rows(rows)
+    typed = table.to_pylist()
+
+    tar_path, pq_path = sdir / f"{name}.tar", sdir / f"{name}.parquet"
+    tar_tmp, pq_tmp = _tmp_name(tar_path), _tmp_name(pq_path)
+    try:
+        with open(tar_tmp, "wb") as raw:
+            hf = _HashingFile(raw)
+            with tarfile.open(fileobj=hf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for record in typed:
+                    if record["status"] != "ok":
+                        continue
+                    key = record["key"]
+                    record_bytes = json.dumps(record, ensure_ascii=False, allow_nan=False).encode()
+                    for mname, data in [*members[key], (member_name(key, "json", image_format), record_bytes)]:
+                        tar.addfile(_tarinfo(mname, len(data)), io.BytesIO(data))
+            raw.flush()
+            os.fsync(raw.fileno())
+        tar_md5, tar_size = hf.md5.hexdigest(), hf.size
+        t_tar = time.perf_counter()
+
+        pq.write_table(table, pq_tmp, compression="zstd")
+        with open(pq_tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tar_tmp, tar_path)
+        os.replace(pq_tmp, pq_path)
+        _fsync_dir(sdir)
+    except BaseException:
+        for tmp in (tar_tmp, pq_tmp):
+            tmp.unlink(missing_ok=True)
+        raise
+    t_parquet = time.perf_counter()
+
+    counts = {s: 0 for s in STATUSES}
+    reasons: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] += 1
+        if row["status"] != "ok":
+            reason = error_reason(row.get("error"))
+            reasons[reason] = reasons.get(reason, 0) + 1
+    stats = {
+        "unit": unit_id,
+        "shard": name,
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": fingerprint,
+        "image_format": image_format,
+        "counts": {"total": len(rows), **counts},
+        "errors": dict(sorted(reasons.items())),
+        "tar": {"file": tar_path.name, "nsamples": counts["ok"], "filesize": tar_size, "md5sum": tar_md5},
+        "parquet": {"file": pq_path.name, "rows": len(rows), "filesize": pq_path.stat().st_size},
+        "timings": {
+            "encode_s": round(t_encode - t0, 6),
+            "tar_s": round(t_tar - t_encode, 6),
+            "parquet_s": round(t_parquet - t_tar, 6),
+        },
+    }
+    extra = dict(extra_stats or {})
+    stats["timings"].update(extra.pop("timings", {}) or {})
+    stats.update(extra)
+    stats["timings"]["write_s"] = round(time.perf_counter() - t0, 6)
+    _write_json_atomic(sdir / f"{name}{STATS_SUFFIX}", stats)  # the commit
+    return stats
+
+
+def error_reason(error: str | None) -> str:
+    """The reason part of an error string '<reason>: <detail>' (the whole string if no colon)."""
+    if not error:
+        return "unknown"
+    return error.split(":", 1)[0].strip() or "unknown"
+
+
+def read_stats(out_dir: Path, unit_id: int) -> dict | None:
+    """Stats of a committed unit, or None if the unit is not committed (or its stats are unreadable)."""
+    path = shards_dir(out_dir) / f"{shard_name(unit_id)}{STATS_SUFFIX}"
+    try:
+        stats = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return stats if isinstance(stats, dict) and stats.get("unit") == unit_id else None
+
+
+def _unit_of(path: Path) -> int | None:
+    stem = path.name.split(".", 1)[0].removesuffix(STATS_SUFFIX.removesuffix(".json"))
+    return int(stem) if len(stem) == 6 and stem.isdigit() else None
+
+
+def committed_units(out_dir: Path) -> dict[int, dict]:
+    """Unit id -> stats, for committed units only, in unit order."""
+    sdir = shards_dir(out_dir)
+    if not sdir.is_dir():
+        return {}
+    result = {}
+    for path in sorted(sdir.glob(f"*{STATS_SUFFIX}")):
+        unit = _unit_of(path)
+        if unit is not None and (stats := read_stats(out_dir, unit)) is not None:
+            result[unit] = stats
+    return result
+
+
+def clean_uncommitted(out_dir: Path) -> list[Path]:
+    """Remove temp files and tars/parquets of units without a stats file (before a resume).
+    Returns the removed paths."""
+    sdir = shards_dir(out_dir)
+    if not sdir.is_dir():
+        return []
+    committed = committed_units(out_dir)
+    removed = []
+    for path in sorted(sdir.iterdir()):
+        if not path.is_file():
+            continue
+        is_tmp = path.name.startswith(".") and path.name.endswith(TMP_SUFFIX)
+        orphan = path.suffix in (".tar", ".parquet") and _unit_of(path) not in committed
+        if is_tmp or orphan:
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape the output (for run.json)."""
+    versions = {"python": sys.version.split()[0]}
+    for dist in ("mergemix-pipeline", "torch", "open_clip_torch", "numpy", "pillow", "pyarrow", "webdataset", "ray"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
+def write_run_files(out_dir: Path, run_info: dict) -> None:
+    """Write OUT/run.json (run_info + versions + totals over committed units) and
+    OUT/index.json (wids-shard-index-v1 with relative urls, so the directory can move)."""
+    out_dir = Path(out_dir)
+    units = committed_units(out_dir)
+    totals = {"units": len(units), "total": 0, **{s: 0 for s in STATUSES}}
+    errors: dict[str, int] = {}
+    timings: dict[str, float] = {}
+    tar_bytes = 0
+    for stats in units.values():
+        for name in ("total", *STATUSES):
+            totals[name] += int(stats.get("counts", {}).get(name, 0))
+        for reason, n in stats.get("errors", {}).items():
+            errors[reason] = errors.get(reason, 0) + n
+        for name, v in stats.get("timings", {}).items():
+            if isinstance(v, (int, float)):
+                timings[name] = round(timings.get(name, 0.0) + v, 6)
+        tar_bytes += stats["tar"]["filesize"]
+    totals["errors"] = dict(sorted(errors.items()))
+    totals["tar_bytes"] = tar_bytes
+    totals["unit_timings_sum_s"] = timings
+
+    run = dict(run_info)
+    run.setdefault("schema_version", SCHEMA_VERSION)
+    run.setdefault("versions", package_versions())
+    run["totals"] = totals
+    _write_json_atomic(out_dir / "run.json", run)
+
+    index = {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": out_dir.name,
+        "schema_version": SCHEMA_VERSION,
+        "shardlist": [
+            {
+                "url": f"{SHARDS_DIR}/{stats['tar']['file']}",
+                "nsamples": stats["tar"]["nsamples"],
+                "filesize": stats["tar"]["filesize"],
+                "md5sum": stats["tar"]["md5sum"],
+            }
+            for stats in units.values()
+        ],
+    }
+    _write_json_atomic(out_dir / "index.json", index)
+
