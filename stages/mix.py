@@ -1,0 +1,431 @@
+"""Masks, partners, mixing ratios and loser images for every mixing method.
+
+Pure tensor code (torch + numpy): usable from any trainer, on CPU or CUDA tensors.
+
+Mask convention. A mask lives on the encoder's patch grid (gh x gw, row-major, L = gh*gw
+patches). M = 1 (stored as 255 in `MixResult.mask`) means "this patch comes from the
+source image x_i", M = 0 means "from the partner x_j" (or, for `blur`, from the blurred
+x_i). Pixel images are always at the encoder geometry, H = gh*ph and W = gw*pw, so the
+grid mask is upsampled to pixels by plain nearest-neighbour repetition and each patch
+maps onto exactly ph x pw pixels.
+
+Why uint8 mixing is exact. For a binary mask, M*x_i + (1-M)*x_j just selects, pixel by
+pixel, one of two uint8 values: no arithmetic happens, so nothing is rounded and the
+stored loser is bit-for-bit the formula (`torch.where`). Only `mixup` (a real-valued
+blend), `resizemix` (the partner is resampled) and `blur` (the blurred image) compute new
+values; those are rounded half-to-even once, in float64/float32, and clamped to [0, 255].
+
+Determinism. Every per-sample random draw (lam, random masks, mergemix-r token scores,
+cutmix/resizemix boxes, paper-mode z) comes from `sample_rng(seed, key, purpose)`, a
+generator seeded by a SHA-256 of (seed, sample key, purpose). Results therefore do not
+depend on batch composition, batch order or the number of workers. Only the partner
+derangement and paper-mode normalisation depend on the group, by definition.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from stages.errors import UserError
+
+METHODS = ("mergemix", "mergemix-official", "mergemix-r", "topk", "random", "mixup", "cutmix", "resizemix", "blur")
+LAM_MODES = ("area", "paper", "fixed")
+# Methods whose mask needs the encoder output (saliency, token scores or the source map).
+NEEDS_SALIENCY = frozenset({"mergemix", "mergemix-official", "mergemix-r", "topk", "blur"})
+
+RESIZEMIX_SCOPE = (0.1, 0.8)  # box area fraction for resizemix, as in the ResizeMix paper
+PAPER_TAU = 1e-5  # min-max normalisation guard for lam_hat mode "paper"
+
+
+class MixArgumentError(UserError, ValueError):
+    """A bad mixing argument. A ValueError for library users, a one-line UserError for the CLI."""
+
+
+# ----------------------------------------------------------------------------- ratios
+
+@dataclass(frozen=True)
+class LamSpec:
+    """Distribution of lam: beta(a) = Beta(a, a), uniform(a, b), or fixed(a)."""
+
+    kind: str
+    a: float
+    b: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in ("beta", "uniform", "fixed"):
+            raise MixArgumentError(f"unknown lam distribution {self.kind!r}: use beta, uniform or fixed")
+        if not (math.isfinite(self.a) and math.isfinite(self.b)):
+            raise MixArgumentError("lam distribution parameters must be finite numbers")
+        if self.kind == "beta" and self.a <= 0:
+            raise MixArgumentError(f"beta alpha must be > 0, got {self.a}")
+        if self.kind == "uniform" and not (0.0 <= self.a <= self.b <= 1.0):
+            raise MixArgumentError(f"uniform bounds must satisfy 0 <= a <= b <= 1, got {self.a},{self.b}")
+        if self.kind == "fixed" and not (0.0 <= self.a <= 1.0):
+            raise MixArgumentError(f"fixed lam must be in [0, 1], got {self.a}")
+
+    def __str__(self) -> str:
+        return f"uniform:{self.a:g},{self.b:g}" if self.kind == "uniform" else f"{self.kind}:{self.a:g}"
+
+
+_LAM_HELP = "use beta:ALPHA, uniform:A,B or fixed:V (e.g. beta:1.0, uniform:0.2,0.8, fixed:0.5)"
+
+
+def parse_lam_spec(text: str) -> LamSpec:
+    """Parse "beta:1.0", "uniform:0.2,0.8" or "fixed:0.5"."""
+    if not isinstance(text, str) or ":" not in text:
+        raise MixArgumentError(f"bad lam distribution {text!r}: {_LAM_HELP}")
+    kind, _, args = text.strip().partition(":")
+    kind = kind.strip().lower()
+    try:
+        values = [float(v) for v in args.split(",")]
+    except ValueError:
+        raise MixArgumentError(f"bad lam distribution {text!r}: {_LAM_HELP}") from None
+    expected = {"beta": 1, "uniform": 2, "fixed": 1}.get(kind)
+    if expected is None or len(values) != expected:
+        raise MixArgumentError(f"bad lam distribution {text!r}: {_LAM_HELP}")
+    return LamSpec(kind, values[0], values[1] if expected == 2 else 0.0)
+
+
+def sample_rng(seed: int, key: str, purpose: str = "lam") -> np.random.Generator:
+    """A generator private to one sample and one purpose.
+
+    Seeded from SHA-256 of (seed, key, purpose), so it is the same in every process and on
+    every platform (PCG64 + SeedSequence are stable bit streams for `random`/`integers`).
+    """
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise MixArgumentError(f"seed must be an integer, got {seed!r}")
+    msg = json.dumps([int(seed), str(key), str(purpose)], separators=(",", ":")).encode()
+    entropy = int.from_bytes(hashlib.sha256(msg).digest(), "little")
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
+
+
+def _check_keys(keys: Sequence[str], n: int | None = None) -> list[str]:
+    keys = [str(k) for k in keys]
+    if not keys:
+        raise ValueError("empty batch: at least one sample key is needed")
+    if n is not None and len(keys) != n:
+        raise ValueError(f"got {len(keys)} keys for a batch of {n}")
+    if len(set(keys)) != len(keys):
+        raise ValueError("sample keys must be unique within a batch")
+    return keys
+
+
+def sample_lams(spec: LamSpec, seed: int, keys: Sequence[str]) -> np.ndarray:
+    """One lam per key (float64), each from its own generator: independent of order and batching."""
+    keys = _check_keys(keys)
+    if spec.kind == "fixed":
+        return np.full(len(keys), float(spec.a))
+    out = np.empty(len(keys))
+    for i, key in enumerate(keys):
+        rng = sample_rng(seed, key, "lam")
+        out[i] = rng.beta(spec.a, spec.a) if spec.kind == "beta" else rng.uniform(spec.a, spec.b)
+    return np.clip(out, 0.0, 1.0)
+
+
+def derangement(keys: Sequence[str], seed: int) -> np.ndarray:
+    """Partner index for every position: a seeded permutation without fixed points (n >= 2).
+
+    The keys are put in a pseudo-random cyclic order (by hash of seed and key) and each
+    sample takes the next one as partner. A single n-cycle has no fixed points, the result
+    depends only on the set of keys (not their order), and adding or removing one key
+    changes only its neighbours' partners. For n == 1 it returns [0]: the caller decides
+    what a lone sample does.
+    """
+    keys = _check_keys(keys)
+    n = len(keys)
+    if n == 1:
+        return np.zeros(1, dtype=np.int64)
+
+    def rank(i: int):
+        msg = json.dumps([int(seed), keys[i], "partner"], separators=(",", ":")).encode()
+        return hashlib.sha256(msg).digest(), keys[i]
+
+    order = sorted(range(n), key=rank)
+    partner = np.empty(n, dtype=np.int64)
+    for t, i in enumerate(order):
+        partner[i] = order[(t + 1) % n]
+    return partner
+
+
+def lam_hats(mode: str, lam: np.ndarray, kept: np.ndarray, *, tokens_kept: int, num_patches: int,
+             seed: int, keys: Sequence[str]) -> np.ndarray:
+    """The recorded ratio lam_hat per sample (the caller's margin is 1 - lam_hat).
+
+    area: kept (fraction of the image from x_i); fixed: lam; paper (METHOD.md section 3):
+    z ~ Normal(mean K/L, std p/sum(M)) per sample, with p = floor(lam*L) and sum(M) the kept
+    patch count (std 1 when sum(M) == 0), then min-max normalised over the group with
+    tau = 1e-5 and clipped to [0, 1]. Paper mode therefore depends on the group.
+    """
+    if mode not in LAM_MODES:
+        raise MixArgumentError(f"unknown lam_hat mode {mode!r}: use one of {', '.join(LAM_MODES)}")
+    lam = np.asarray(lam, dtype=np.float64).reshape(-1)
+    kept = np.asarray(kept, dtype=np.float64).reshape(-1)
+    keys = _check_keys(keys, len(lam))
+    if kept.shape != lam.shape:
+        raise ValueError(f"lam has {lam.size} values but kept has {kept.size}")
+    _check_unit_interval(lam, "lam")
+    _check_unit_interval(kept, "kept")
+    if mode == "area":
+        return kept.copy()
+    if mode == "fixed":
+        return lam.copy()
+    if not (0 < num_patches and 0 <= tokens_kept <= num_patches):
+        raise ValueError(f"need 0 <= tokens_kept <= num_patches and num_patches > 0, got {tokens_kept}, {num_patches}")
+    p = np.floor(lam * num_patches)
+    sum_m = np.rint(kept * num_patches)
+    std = np.where(sum_m > 0, p / np.maximum(sum_m, 1), 1.0)
+    z = np.array([sample_rng(seed, k, "paper").normal(tokens_kept / num_patches, s) for k, s in zip(keys, std)])
+    z = (z - z.min()) / (z.max() - z.min() + PAPER_TAU)
+    return np.clip(z, 0.0, 1.0)
+
+
+def _check_unit_interval(values: np.ndarray, name: str) -> None:
+    if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(values > 1):
+        raise ValueError(f"{name} must be finite and in [0, 1]")
+
+
+# ----------------------------------------------------------------------------- masks
+
+def _as_lam(lam, batch: int, device) -> Tensor:
+    lam = torch.as_tensor(lam, dtype=torch.float64, device=device).reshape(-1)
+    if lam.numel() != batch:
+        raise ValueError(f"lam has {lam.numel()} values for a batch of {batch}")
+    if not bool(torch.isfinite(lam).all()) or bool((lam < 0).any()) or bool((lam > 1).any()):
+        raise ValueError("lam must be finite and in [0, 1]")
+    return lam
+
+
+def _check_scores(scores: Tensor, name: str) -> None:
+    if not torch.is_tensor(scores) or scores.dim() != 2 or not scores.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor of shape (B, N)")
+    if scores.shape[0] == 0 or scores.shape[1] == 0:
+        raise ValueError(f"empty batch: {name} has shape {tuple(scores.shape)}")
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def _topk_rows(scores: Tensor, counts: Tensor) -> Tensor:
+    """Bool mask with the `counts[b]` highest entries of each row; ties go to the lower index."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    ranks = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter(1, order, ranks < counts[:, None])
+
+
+def topk_patch_mask(scores: Tensor, lam: Tensor) -> Tensor:
+    """(B, L) bool: the top floor(lam*L) patches of each row (kept area exactly floor(lam*L)/L)."""
+    _check_scores(scores, "scores")
+    lam = _as_lam(lam, scores.shape[0], scores.device)
+    counts = torch.floor(lam * scores.shape[1]).long()
+    return _topk_rows(scores, counts)
+
+
+def _check_source(source: Tensor, batch: int, num_tokens: int | None) -> None:
+    if not torch.is_tensor(source) or source.dim() != 2 or source.dtype not in (torch.int64, torch.int32):
+        raise ValueError("source must be an integer tensor of shape (B, L)")
+    if source.shape[0] != batch:
+        raise ValueError(f"source has {source.shape[0]} rows for a batch of {batch}")
+    if source.numel() and (int(source.min()) < 0 or (num_tokens is not None and int(source.max()) >= num_tokens)):
+        raise ValueError(f"source indices must be in [0, {num_tokens})")
+
+
+def recover_scores(token_scores: Tensor, source: Tensor) -> Tensor:
+    """(B, L): every original patch takes the score of the merged token it belongs to."""
+    _check_scores(token_scores, "token_scores")
+    _check_source(source, token_scores.shape[0], token_scores.shape[1])
+    return token_scores.gather(1, source.long())
+
+
+def merged_topk_mask(token_scores: Tensor, source: Tensor, lam: Tensor) -> Tensor:
+    """(B, L) bool, reference-code mode: the top int(K*lam) merged tokens, copied onto their patches."""
+    _check_scores(token_scores, "token_scores")
+    _check_source(source, token_scores.shape[0], token_scores.shape[1])
+    lam = _as_lam(lam, token_scores.shape[0], token_scores.device)
+    counts = torch.floor(lam * token_scores.shape[1]).long()
+    return _topk_rows(token_scores, counts).gather(1, source.long())
+
+
+def upsample_mask(mask: Tensor, patch: tuple[int, int]) -> Tensor:
+    """(B, gh, gw) -> (B, gh*ph, gw*pw) by nearest neighbour: each patch covers ph x pw pixels."""
+    if not torch.is_tensor(mask) or mask.dim() != 3:
+        raise ValueError("mask must be a tensor of shape (B, gh, gw)")
+    ph, pw = _pair(patch, "patch")
+    return mask.repeat_interleave(ph, dim=1).repeat_interleave(pw, dim=2)
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair of positive integers, got {value!r}") from None
+    if a <= 0 or b <= 0:
+        raise ValueError(f"{name} must be a pair of positive integers, got {value!r}")
+    return a, b
+
+
+# ----------------------------------------------------------------------------- pixels
+
+def _check_pixels(x: Tensor, name: str) -> None:
+    if not torch.is_tensor(x) or x.dtype != torch.uint8 or x.dim() != 4:
+        raise ValueError(f"{name} must be a uint8 tensor of shape (B, H, W, C)")
+    if x.shape[0] == 0:
+        raise ValueError(f"empty batch: {name} has shape {tuple(x.shape)}")
+
+
+def mix_pixels(x_i: Tensor, x_j: Tensor, pixel_mask: Tensor) -> Tensor:
+    """Exactly M*x_i + (1-M)*x_j for a binary mask: a per-pixel selection, no arithmetic."""
+    _check_pixels(x_i, "x_i")
+    _check_pixels(x_j, "x_j")
+    if x_i.shape != x_j.shape:
+        raise ValueError(f"x_i {tuple(x_i.shape)} and x_j {tuple(x_j.shape)} differ in shape")
+    if not torch.is_tensor(pixel_mask) or pixel_mask.dtype != torch.bool or pixel_mask.shape != x_i.shape[:3]:
+        raise ValueError(f"pixel_mask must be a bool tensor of shape {tuple(x_i.shape[:3])}")
+    return torch.where(pixel_mask[..., None], x_i, x_j)
+
+
+def _to_uint8(x: Tensor) -> Tensor:
+    return torch.round(x).clamp_(0, 255).to(torch.uint8)
+
+
+def gaussian_blur(pixels: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of uint8 (B, H, W, C) images (edge pixels replicated), uint8 out."""
+    _check_pixels(pixels, "pixels")
+    if not sigma > 0:
+        raise ValueError(f"blur sigma must be > 0, got {sigma}")
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=pixels.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = pixels.shape[3]
+    x = pixels.permute(0, 3, 1, 2).float()
+    x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    x = F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return _to_uint8(x.permute(0, 2, 3, 1))
+
+
+@dataclass
+class MixResult:
+    """Loser images, grid masks and the exact fraction of each image taken from x_i."""
+
+    loser: Tensor  # uint8 (B, H, W, 3)
+    mask: Tensor  # uint8 (B, gh, gw): 255 = from x_i, 0 = from partner (mixup: round(lam*255) everywhere)
+    kept: Tensor  # float64 (B,): fraction of the image from x_i (exact area; lam for mixup)
+
+
+def _random_grid_scores(keys: Sequence[str], seed: int, purpose: str, n: int, device) -> Tensor:
+    scores = np.stack([sample_rng(seed, k, purpose).random(n) for k in keys])
+    return torch.from_numpy(scores).to(device)
+
+
+def _box(rng: np.random.Generator, gh: int, gw: int, area: float, min_side: int = 0) -> tuple[int, int, int, int]:
+    """A grid-aligned box of about `area` (fraction) of the grid, placed inside it uniformly."""
+    side = math.sqrt(area)
+    bh = min(gh, max(min_side, round(gh * side)))
+    bw = min(gw, max(min_side, round(gw * side)))
+    top = int(rng.integers(0, gh - bh + 1))
+    left = int(rng.integers(0, gw - bw + 1))
+    return top, left, bh, bw
+
+
+def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tuple[int, int],
+                patch: tuple[int, int], keys: Sequence[str], seed: int, saliency: Tensor | None = None,
+                token_scores: Tensor | None = None, source: Tensor | None = None,
+                blur_sigma: float | None = None) -> MixResult:
+    """Build the loser image of every sample with `method`; x_j = pixels[partner].
+
+    mergemix / topk: top floor(lam*L) of `saliency` (topk passes an un-merged encoder's
+    saliency; mergemix may instead pass token_scores + source, recovered here).
+    mergemix-official: top int(K*lam) merged tokens copied onto their patches.
+    mergemix-r: random score per merged token, recovered through `source`, top floor(lam*L).
+    random: top floor(lam*L) of random patch scores. mixup: round(lam*x_i + (1-lam)*x_j).
+    cutmix: a grid-aligned box of area ~(1-lam) from x_j. resizemix: x_j resized (bilinear,
+    antialiased) into a grid-aligned box of area fraction tau ~ U(0.1, 0.8); lam is ignored.
+    blur: salient top floor(lam*L) patches kept, the rest replaced by a Gaussian blur of x_i
+    itself (sigma defaults to half the larger patch side); no partner pixels are used.
+    """
+    if method not in METHODS:
+        raise MixArgumentError(f"unknown mixing method {method!r}: use one of {', '.join(METHODS)}")
+    _check_pixels(pixels, "pixels")
+    b, h, w, c = pixels.shape
+    gh, gw = _pair(grid, "grid")
+    ph, pw = _pair(patch, "patch")
+    if (h, w) != (gh * ph, gw * pw) or c != 3:
+        raise ValueError(f"pixels must be (B, {gh * ph}, {gw * pw}, 3) for grid {gh}x{gw} and patch {ph}x{pw}, "
+                         f"got {tuple(pixels.shape)}")
+    keys = _check_keys(keys, b)
+    lam = _as_lam(lam, b, pixels.device)
+    partner = torch.as_tensor(partner, device=pixels.device)
+    if partner.shape != (b,) or partner.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"partner must be an integer tensor of shape ({b},)")
+    if bool((partner < 0).any()) or bool((partner >= b).any()):
+        raise ValueError(f"partner indices must be in [0, {b})")
+    x_j = pixels[partner.long()]
+    n_patches = gh * gw
+
+    def need(t: Tensor | None, name: str) -> Tensor:
+        if t is None:
+            raise ValueError(f"method {method!r} needs {name}")
+        return t.to(pixels.device)
+
+    def grid_scores(t: Tensor, name: str) -> Tensor:
+        if not torch.is_tensor(t) or t.shape != (b, n_patches):
+            raise ValueError(f"{name} must have shape ({b}, {n_patches}) for grid {gh}x{gw}")
+        return t
+
+    if method == "mixup":
+        blend = lam[:, None, None, None] * pixels.double() + (1.0 - lam)[:, None, None, None] * x_j.double()
+        level = _to_uint8(lam * 255.0).view(b, 1, 1).expand(b, gh, gw).contiguous()
+        return MixResult(_to_uint8(blend), level, lam.clone())
+
+    extra = None  # pixels used where the mask is 0, when they are not the partner's own
+    if method in ("mergemix", "topk", "blur"):
+        if method == "mergemix" and saliency is None and token_scores is not None and source is not None:
+            saliency = recover_scores(need(token_scores, "token_scores"), need(source, "source"))
+        sal = grid_scores(need(saliency, "saliency"), "saliency")
+        mask = topk_patch_mask(sal, lam)
+        if method == "blur":
+            sigma = blur_sigma if blur_sigma is not None else max(ph, pw) / 2
+            extra = gaussian_blur(pixels, sigma)
+    elif method == "mergemix-official":
+        ts, src = need(token_scores, "token_scores"), need(source, "source")
+        grid_scores(src, "source")
+        mask = merged_topk_mask(ts, src, lam)
+    elif method == "mergemix-r":
+        src = grid_scores(need(source, "source"), "source")
+        _check_source(src, b, n_patches)  # K <= L, so drawing L scores covers every token
+        token_rand = _random_grid_scores(keys, seed, "mergemix-r", n_patches, pixels.device)
+        mask = topk_patch_mask(token_rand.gather(1, src.long()), lam)
+    elif method == "random":
+        mask = topk_patch_mask(_random_grid_scores(keys, seed, "random", n_patches, pixels.device), lam)
+    else:  # cutmix / resizemix: grid-aligned boxes
+        mask = torch.ones(b, n_patches, dtype=torch.bool, device=pixels.device)
+        grid_mask = mask.view(b, gh, gw)
+        if method == "resizemix":
+            extra = x_j.clone()
+        lam_cpu = lam.cpu().numpy()
+        for i, key in enumerate(keys):
+            rng = sample_rng(seed, key, method)
+            if method == "cutmix":
+                top, left, bh, bw = _box(rng, gh, gw, 1.0 - float(lam_cpu[i]))
+            else:
+                tau = rng.uniform(*RESIZEMIX_SCOPE)
+                top, left, bh, bw = _box(rng, gh, gw, tau, min_side=1)
+            grid_mask[i, top:top + bh, left:left + bw] = False
+            if method == "resizemix":
+                src_img = x_j[i].permute(2, 0, 1)[None].float()
+                small = F.interpolate(src_img, size=(bh * ph, bw * pw), mode="bilinear", align_corners=False,
+                                      antialias=True)
+                extra[i, top * ph:(top + bh) * ph, left * pw:(left + bw) * pw] = _to_uint8(small[0].permute(1, 2, 0))
+    grid_mask = mask.view(b, gh, gw)
+    loser = mix_pixels(pixels, x_j if extra is None else extra, upsample_mask(grid_mask, (ph, pw)))
+    kept = grid_mask.sum(dim=(1, 2)).double() / n_patches
+    return MixResult(loser, grid_mask.to(torch.uint8) * 255, kept)
