@@ -1,0 +1,310 @@
+"""`validate` (is every committed unit complete and consistent?) and `inspect` (what is in it?)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image
+
+from schemas.shard import FIELDS, SCHEMA_VERSION, sample_key, shard_name, validate_row
+from stages.errors import UserError
+from stages.shardread import ShardRef, decode_image, iter_tar_members, output_shards_dir, read_parquet, split_member
+from stages.writer import STATS_SUFFIX, TMP_SUFFIX, _unit_of, committed_units, error_reason, read_stats
+
+# --- validate ---------------------------------------------------------------------------
+
+
+def _file_md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    """(h, w) from the image header, without decoding the pixels."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size[1], img.size[0]
+
+
+def _check_members(tar: str, key: str, row: dict, parts: dict[str, bytes]) -> list[str]:
+    """One ok row against its tar members: presence, hashes, record, geometry, mask."""
+    fmt = row["image_format"]
+    expected = {f"winner.{fmt}": "winner_sha256", f"loser.{fmt}": "loser_sha256", "mask.png": "mask_sha256", "json": None}
+    problems = []
+    missing = [ext for ext in expected if ext not in parts]
+    if len(missing) == len(expected):
+        return [f"{tar}: parquet row {key} (ok) has no members in the tar"]
+    if missing:
+        problems.append(f"{tar}: sample {key} lacks members {[f'{key}.{m}' for m in missing]}")
+    for ext in sorted(set(parts) - set(expected)):
+        problems.append(f"{tar}: unexpected member {key}.{ext} (image_format is {fmt})")
+    for ext, field in expected.items():
+        if field and ext in parts:
+            got = hashlib.sha256(parts[ext]).hexdigest()
+            if got != row[field]:
+                problems.append(f"{tar}: {key}.{ext} sha256 {got[:12]}... != parquet {field} {str(row[field])[:12]}...")
+    if "json" in parts:
+        try:
+            record = json.loads(parts["json"])
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            problems.append(f"{tar}: {key}.json is not a JSON object")
+        else:
+            diff = sorted(f for f in set(FIELDS) | set(record) if record.get(f, "<absent>") != row.get(f, "<absent>"))
+            if diff:
+                problems.append(f"{tar}: {key}.json differs from its parquet row in {diff}")
+    try:
+        for ext in (f"winner.{fmt}", f"loser.{fmt}"):
+            if ext in parts and list(_image_size(parts[ext])) != list(row["image_size"] or []):
+                problems.append(f"{tar}: {key}.{ext} is {_image_size(parts[ext])}, parquet image_size is {row['image_size']}")
+        if "mask.png" in parts:
+            mask = decode_image(parts["mask.png"], "L")
+            if list(mask.shape) != list(row["grid"] or []):
+                problems.append(f"{tar}: {key}.mask.png is {mask.shape}, parquet grid is {row['grid']}")
+            if not np.isin(mask, (0, 255)).all():
+                problems.append(f"{tar}: {key}.mask.png has values other than 0 and 255")
+            elif row["kept_patches"] is not None and int((mask == 255).sum()) != row["kept_patches"]:
+                problems.append(f"{tar}: {key}.mask.png keeps {int((mask == 255).sum())} patches, parquet kept_patches is {row['kept_patches']}")
+    except (OSError, ValueError) as exc:
+        problems.append(f"{tar}: sample {key} has an image that does not decode ({exc})")
+    return problems
+
+
+def _check_unit(sdir: Path, unit: int, stats: dict, seen: dict[str, int]) -> list[str]:
+    name = shard_name(unit)
+    tar_path, pq_path = sdir / f"{name}.tar", sdir / f"{name}.parquet"
+    tar, pqn = f"shards/{tar_path.name}", f"shards/{pq_path.name}"
+    problems = []
+    if stats.get("schema_version") != SCHEMA_VERSION:
+        problems.append(f"shards/{name}{STATS_SUFFIX}: schema_version {stats.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    if not pq_path.is_file():
+        problems.append(f"{pqn}: missing, but {name}{STATS_SUFFIX} marks the unit committed")
+        rows = None
+    else:
+        try:
+            rows = read_parquet(pq_path).to_pylist()
+        except UserError as exc:
+            problems.append(f"{pqn}: {exc}")
+            rows = None
+        expected_size = stats.get("parquet", {}).get("filesize")
+        if pq_path.stat().st_size != expected_size:
+            problems.append(f"{pqn}: {pq_path.stat().st_size} bytes, stats say {expected_size}")
+
+    by_key: dict[str, dict] = {}
+    if rows is not None:
+        counts = Counter(r["status"] for r in rows)
+        for i, row in enumerate(rows):
+            key = row["key"]
+            problems += [f"{pqn}: {p}" for p in validate_row(row)]
+            if key != sample_key(unit, i) or row["unit"] != unit or row["index"] != i:
+                problems.append(f"{pqn}: row {i} has key {key} unit {row['unit']} index {row['index']}, expected {sample_key(unit, i)}")
+            if row["fingerprint"] != stats.get("fingerprint"):
+                problems.append(f"{pqn}: row {key} fingerprint {row['fingerprint']!r} != stats fingerprint {stats.get('fingerprint')!r}")
+            if key in seen:
+                problems.append(f"{pqn}: duplicate key {key} (also in unit {shard_name(seen[key])})")
+            seen.setdefault(key, unit)
+            by_key[key] = row
+        want = stats.get("counts", {})
+        for status in ("ok", "failed", "skipped"):
+            if counts.get(status, 0) != want.get(status):
+                problems.append(f"{pqn}: {counts.get(status, 0)} {status} rows, stats say {want.get(status)}")
+        if len(rows) != want.get("total"):
+            problems.append(f"{pqn}: {len(rows)} rows, stats say {want.get('total')}")
+
+    if not tar_path.is_file():
+        return problems + [f"{tar}: missing, but {name}{STATS_SUFFIX} marks the unit committed"]
+    tar_stats = stats.get("tar", {})
+    size = tar_path.stat().st_size
+    if size != tar_stats.get("filesize"):
+        problems.append(f"{tar}: {size} bytes, stats say {tar_stats.get('filesize')} (truncated or replaced)")
+    elif _file_md5(tar_path) != tar_stats.get("md5sum"):
+        problems.append(f"{tar}: md5 differs from the stats (content changed)")
+
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        for mname, data in iter_tar_members(ShardRef(tar_path)):
+            key, ext = split_member(mname)
+            if ext in samples.setdefault(key, {}):
+                problems.append(f"{tar}: duplicate member {mname}")
+            samples[key][ext] = data
+    except UserError as exc:
+        problems.append(f"{tar}: unreadable after {sum(map(len, samples.values()))} members: {exc}")
+    if rows is None:
+        return problems
+    if sum(1 for k in samples) != tar_stats.get("nsamples"):
+        problems.append(f"{tar}: {len(samples)} samples, stats say {tar_stats.get('nsamples')}")
+    for key, parts in samples.items():
+        row = by_key.get(key)
+        if row is None:
+            problems += [f"{tar}: member {key}.{ext} has no parquet row" for ext in sorted(parts)]
+        elif row["status"] != "ok":
+            problems.append(f"{tar}: members of {key} present, but its parquet row is {row['status']}")
+        else:
+            problems += _check_members(tar, key, row, parts)
+    for key, row in by_key.items():
+        if row["status"] == "ok" and key not in samples:
+            problems.append(f"{tar}: parquet row {key} (ok) has no members in the tar")
+    return problems
+
+
+def _check_run_files(out_dir: Path, units: dict[int, dict]) -> list[str]:
+    problems = []
+    try:
+        index = json.loads((out_dir / "index.json").read_text())
+    except FileNotFoundError:
+        index = None
+        problems.append("index.json: missing (the run did not finish); rerun `generate` to resume and write it")
+    except ValueError:
+        index = None
+        problems.append("index.json: not valid JSON")
+    if isinstance(index, dict):
+        if index.get("__kind__") != "wids-shard-index-v1":
+            problems.append(f"index.json: __kind__ is {index.get('__kind__')!r}, expected 'wids-shard-index-v1'")
+        listed = {e.get("url"): e for e in index.get("shardlist", []) if isinstance(e, dict)}
+        want = {f"shards/{st['tar']['file']}": st["tar"] for st in units.values()}
+        for url in sorted(set(want) - set(listed)):
+            problems.append(f"index.json: committed {url} is not listed")
+        for url in sorted(set(listed) - set(want)):
+            problems.append(f"index.json: lists {url}, which is not a committed unit")
+        for url in sorted(set(want) & set(listed)):
+            for field in ("nsamples", "filesize", "md5sum"):
+                if listed[url].get(field) != want[url].get(field):
+                    problems.append(f"index.json: {url} {field} {listed[url].get(field)!r} != stats {want[url].get(field)!r}")
+    try:
+        run = json.loads((out_dir / "run.json").read_text())
+    except FileNotFoundError:
+        return problems + ["run.json: missing (the run did not finish); rerun `generate` to resume and write it"]
+    except ValueError:
+        return problems + ["run.json: not valid JSON"]
+    totals = run.get("totals", {}) if isinstance(run, dict) else {}
+    for status in ("ok", "failed", "skipped"):
+        got = sum(int(st.get("counts", {}).get(status, 0)) for st in units.values())
+        if totals.get(status) != got:
+            problems.append(f"run.json: totals.{status} is {totals.get(status)!r}, committed units hold {got}")
+    return problems
+
+
+def validate_output(out_dir: Path) -> list[str]:
+    """Every problem found in an output directory, one precise line each; empty if valid.
+    A missing or non-output directory raises UserError."""
+    out_dir = Path(out_dir)
+    sdir = output_shards_dir(out_dir)
+    problems: list[str] = []
+    units: dict[int, dict] = {}
+    for path in sorted(sdir.iterdir()):
+        rel = f"shards/{path.name}"
+        if path.name.startswith(".") and path.name.endswith(TMP_SUFFIX):
+            problems.append(f"{rel}: leftover temporary file of an interrupted write (resuming `generate` removes it)")
+        elif path.name.endswith(STATS_SUFFIX):
+            unit = _unit_of(path)
+            stats = read_stats(out_dir, unit) if unit is not None else None
+            if stats is None:
+                problems.append(f"{rel}: unreadable stats file (or wrong unit); regenerate this unit")
+            else:
+                units[unit] = stats
+    for path in sorted(sdir.iterdir()):
+        if path.suffix in (".tar", ".parquet") and not path.name.startswith("."):
+            unit = _unit_of(path)
+            if unit is None:
+                problems.append(f"shards/{path.name}: not a shard name (expected NNNNNN{path.suffix})")
+            elif unit not in units:
+                problems.append(f"shards/{path.name}: no {shard_name(unit)}{STATS_SUFFIX}, so the unit is not committed (interrupted write); resume `generate`")
+    if not units:
+        problems.append(f"{sdir}: no committed units")
+        return problems
+    seen: dict[str, int] = {}
+    for unit, stats in units.items():
+        problems += _check_unit(sdir, unit, stats, seen)
+    problems += _check_run_files(out_dir, units)
+    return problems
+
+
+# --- inspect ----------------------------------------------------------------------------
+
+_INSPECT_COLUMNS = ["status", "error", "lam", "lam_hat", "margin", "method", "lam_mode", "model", "pretrained",
+                    "image_format", "image_size", "grid", "merge_total", "merge_schedule", "attn_layer"]
+
+
+def text_histogram(values: np.ndarray, bins: int = 10, width: int = 40, lo: float = 0.0, hi: float = 1.0) -> list[str]:
+    """Fixed-range histogram as text lines: '[0.0, 0.1)  ########  12'."""
+    counts, edges = np.histogram(np.clip(values, lo, hi), bins=bins, range=(lo, hi))
+    top = max(int(counts.max()), 1) if len(counts) else 1
+    lines = []
+    for i, n in enumerate(counts):
+        close = "]" if i == bins - 1 else ")"
+        lines.append(f"  [{edges[i]:.1f}, {edges[i + 1]:.1f}{close}  {'#' * round(width * n / top):<{width}}  {n}")
+    return lines
+
+
+def _counts_line(column: pa.ChunkedArray) -> str:
+    vc = pc.value_counts(column).to_pylist()
+    pairs = sorted(((v["values"], v["counts"]) for v in vc), key=lambda p: (-p[1], str(p[0])))
+    return ", ".join(f"{v if v is not None else '-'} {n}" for v, n in pairs) or "-"
+
+
+def inspect_output(out_dir: Path) -> str:
+    """A human report: counts per status and failure reason, lam / lam_hat / margin
+    histograms, methods, model and config summary."""
+    out_dir = Path(out_dir)
+    sdir = output_shards_dir(out_dir)
+    units = committed_units(out_dir)
+    uncommitted = sorted({p.name.split(".")[0] for p in sdir.iterdir()
+                          if p.suffix in (".tar", ".parquet") and _unit_of(p) is not None and _unit_of(p) not in units})
+    lines = [f"output       {out_dir}"]
+    run = None
+    if (out_dir / "run.json").is_file():
+        try:
+            run = json.loads((out_dir / "run.json").read_text())
+        except ValueError:
+            lines.append("run.json     unreadable")
+    if isinstance(run, dict):
+        lines.append(f"fingerprint  {run.get('fingerprint', '-')}   schema {run.get('schema_version', '-')}")
+    tar_bytes = sum(st["tar"]["filesize"] for st in units.values())
+    lines.append(f"units        {len(units)} committed, {len(uncommitted)} uncommitted   tars {tar_bytes / 2**20:.1f} MiB")
+    if not units:
+        lines.append("no committed units: run or resume `mergemix-pipeline generate`")
+        return "\n".join(lines)
+
+    tables = [read_parquet(sdir / st["parquet"]["file"], columns=_INSPECT_COLUMNS) for st in units.values()]
+    table = pa.concat_tables(tables)
+    status = table["status"]
+    n = len(table)
+    n_ok = pc.sum(pc.equal(status, "ok")).as_py() or 0
+    per = {s: pc.sum(pc.equal(status, s)).as_py() or 0 for s in ("ok", "failed", "skipped")}
+    lines.append(f"inputs       {n}: ok {per['ok']} ({100 * per['ok'] / max(n, 1):.1f}%), failed {per['failed']}, skipped {per['skipped']}")
+    bad = table.filter(pc.not_equal(status, "ok"))
+    if len(bad):
+        reasons = Counter((s, error_reason(e)) for s, e in zip(bad["status"].to_pylist(), bad["error"].to_pylist()))
+        lines.append("  not ok, by reason:")
+        for (s, reason), k in sorted(reasons.items(), key=lambda p: (-p[1], p[0])):
+            lines.append(f"    {s:<8} {reason:<24} {k}")
+    ok = table.filter(pc.equal(status, "ok"))
+    if n_ok:
+        first = ok.slice(0, 1).to_pylist()[0]
+        lines.append(f"methods      {_counts_line(ok['method'])}")
+        lines.append(f"lam_mode     {_counts_line(ok['lam_mode'])}")
+        lines.append(f"model        {_counts_line(ok['model'])}   pretrained: {first['pretrained'] or 'none (random weights)'}")
+        lines.append(f"merging      R={first['merge_total']} schedule {first['merge_schedule']} attn_layer {first['attn_layer']}")
+        size, grid = first["image_size"], first["grid"]
+        lines.append(f"images       {_counts_line(ok['image_format'])}   {size[0]}x{size[1]} px, grid {grid[0]}x{grid[1]}")
+        for name in ("lam", "lam_hat", "margin"):
+            vals = ok[name].drop_null().to_numpy()
+            if len(vals):
+                lines.append(f"{name:<12} mean {vals.mean():.3f}  std {vals.std():.3f}  min {vals.min():.3f}  max {vals.max():.3f}")
+                lines += text_histogram(vals)
+    if isinstance(run, dict) and isinstance(run.get("config"), dict):
+        lines.append("config")
+        for k, v in run["config"].items():
+            lines.append(f"  {k:<22} {json.dumps(v) if not isinstance(v, str) else v}")
+    if uncommitted:
+        lines.append(f"uncommitted  {', '.join(uncommitted[:10])}{' ...' if len(uncommitted) > 10 else ''} (no stats file; resume `generate`)")
+    return "\n".join(lines)

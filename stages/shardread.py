@@ -1,0 +1,177 @@
+"""Torch-free reading of our shards: find the committed tars, read tar samples safely,
+read Parquet with a schema check. Used by the loader, validate, inspect and preview."""
+from __future__ import annotations
+
+import glob as globlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from schemas.shard import check_arrow_schema, check_schema_version
+from stages.errors import UserError
+from stages.writer import SHARDS_DIR, STATS_SUFFIX, committed_units, shards_dir
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One tar to read; `filesize` is the committed size when known (catches truncation up front)."""
+
+    tar: Path
+    filesize: int | None = None
+    unit: int | None = None
+
+
+def output_shards_dir(out_dir: Path) -> Path:
+    """OUT/shards of an existing output directory, or a UserError naming what is wrong."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        raise UserError(f"{out_dir} does not exist: pass the output directory given to `generate`")
+    if not out_dir.is_dir():
+        raise UserError(f"{out_dir} is not a directory: pass the output directory given to `generate`")
+    sdir = shards_dir(out_dir)
+    if not sdir.is_dir():
+        raise UserError(f"{out_dir} has no {SHARDS_DIR}/ folder: pass the output directory given to `generate`")
+    return sdir
+
+
+def resolve_shards(source) -> list[ShardRef]:
+    """Tars to read from an output dir, its shards/ dir, a glob, a tar path, or a list of tar paths.
+    In an output directory only committed units (with a stats file) count."""
+    if isinstance(source, (list, tuple)):
+        refs = []
+        for item in source:
+            refs.extend(resolve_shards(item))
+        if not refs:
+            raise UserError("the list of shards is empty: pass an output directory, a glob or tar paths")
+        return refs
+    text = str(source)
+    if any(c in text for c in "*?["):
+        paths = sorted(globlib.glob(text))
+        tars = [Path(p) for p in paths if p.endswith(".tar")]
+        if not tars:
+            raise UserError(f"no .tar files match {text}: check the pattern")
+        return [ShardRef(p) for p in tars]
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"{path} does not exist: pass an output directory, a shards/ folder, a glob or tar paths")
+    if path.is_file():
+        if path.suffix != ".tar":
+            raise UserError(f"{path} is not a .tar shard: pass an output directory, a glob or tar paths")
+        return [ShardRef(path)]
+    out_dir = path if (path / SHARDS_DIR).is_dir() else path.parent if path.name == SHARDS_DIR else path
+    units = committed_units(out_dir)
+    if not units:
+        if path.is_dir() and not (path / SHARDS_DIR).is_dir() and list(path.glob("*.tar")) and not list(path.glob(f"*{STATS_SUFFIX}")):
+            raise UserError(f"{path} holds tars but no *{STATS_SUFFIX} commit markers: pass a glob ('{path}/*.tar') to read them anyway")
+        raise UserError(f"{path} has no committed shards: run `mergemix-pipeline generate` (or resume it) first")
+    sdir = shards_dir(out_dir)
+    return [ShardRef(sdir / st["tar"]["file"], st["tar"].get("filesize"), unit) for unit, st in units.items()]
+
+
+def safe_member_name(name: str) -> str:
+    """Refuse members that could escape a directory if extracted: absolute paths and '..'."""
+    if name.startswith(("/", "\\")) or ":" in PurePosixPath(name).parts[0] or "\\" in name:
+        raise UserError(f"unsafe tar member name {name!r}: refusing to read this shard")
+    if ".." in PurePosixPath(name).parts:
+        raise UserError(f"unsafe tar member name {name!r}: refusing to read this shard")
+    return name
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """'dir/000001_000002.winner.jpg' -> ('dir/000001_000002', 'winner.jpg') (webdataset rule: first dot of the basename)."""
+    head, _, base = name.rpartition("/")
+    if "." not in base:
+        raise UserError(f"tar member {name!r} has no extension: not a webdataset shard")
+    stem, ext = base.split(".", 1)
+    return (f"{head}/{stem}" if head else stem), ext
+
+
+def iter_tar_members(ref: ShardRef) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of every regular member, in order; corrupt or unsafe tars raise UserError."""
+    tar_path = ref.tar
+    try:
+        size = os.path.getsize(tar_path)
+    except OSError as exc:
+        raise UserError(f"cannot read shard {tar_path}: {exc.strerror}") from None
+    if ref.filesize is not None and size != ref.filesize:
+        raise UserError(f"shard {tar_path} is {size} bytes, its stats say {ref.filesize}: truncated or replaced; regenerate this unit")
+    try:
+        with tarfile.open(tar_path, mode="r|") as tar:
+            for info in tar:
+                safe_member_name(info.name)
+                if not info.isfile():
+                    raise UserError(f"tar member {info.name!r} in {tar_path} is not a regular file: refusing to read this shard")
+                f = tar.extractfile(info)
+                data = f.read()
+                if len(data) != info.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                yield info.name, data
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise UserError(f"shard {tar_path} is corrupt ({_one_line(exc)}); regenerate this unit or remove it") from None
+
+
+def iter_tar_samples(ref: ShardRef) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group consecutive members by key: yields (key, {ext: bytes})."""
+    key, parts = None, {}
+    for name, data in iter_tar_members(ref):
+        k, ext = split_member(name)
+        if k != key:
+            if key is not None:
+                yield key, parts
+            key, parts = k, {}
+        if ext in parts:
+            raise UserError(f"shard {ref.tar}: member {name!r} appears twice")
+        parts[ext] = data
+    if key is not None:
+        yield key, parts
+
+
+def parse_record(data: bytes, where: str) -> dict:
+    """The K.json sample record, with its schema version checked."""
+    try:
+        record = json.loads(data)
+    except ValueError:
+        raise UserError(f"{where}: sample record is not valid JSON; the shard is damaged") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: sample record is not a JSON object; the shard is damaged")
+    try:
+        check_schema_version(record.get("schema_version"), where)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return record
+
+
+def decode_image(data: bytes, mode: str = "RGB") -> np.ndarray:
+    """Encoded image bytes -> uint8 array (H x W x 3 for RGB, H x W for L)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.array(img.convert(mode))
+
+
+def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """A shard's Parquet table; wrong schema version or damage -> UserError."""
+    try:
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise UserError(f"{path} is not a readable Parquet file ({_one_line(exc)}); regenerate this unit") from None
+    try:
+        check_arrow_schema(schema, str(path))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        return pf.read(columns=columns)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise UserError(f"{path} is damaged ({_one_line(exc)}); regenerate this unit") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
