@@ -1,0 +1,142 @@
+"""A contact sheet PNG of the first pairs of an output: winner, loser, mask overlay,
+saliency heat map (when stored), and the key and ratios written beside them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from stages.errors import UserError
+from stages.shardread import decode_image, iter_tar_samples, output_shards_dir, parse_record, resolve_shards
+
+TILE_H = 160  # every image is scaled to this height
+PAD = 6
+TEXT_W = 250
+BG = (24, 24, 24)
+FG = (235, 235, 235)
+PARTNER_TINT = np.array([230, 40, 40], np.float32)  # red: pixels taken from the partner
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _heat(values: np.ndarray) -> np.ndarray:
+    """Saliency (any range) -> RGB uint8 with a blue-cyan-yellow-red ramp."""
+    v = values.astype(np.float32)
+    span = float(v.max() - v.min())
+    v = (v - v.min()) / span if span > 0 else np.zeros_like(v)
+    stops = np.array([[20, 30, 140], [0, 200, 220], [250, 230, 40], [220, 30, 20]], np.float32)
+    pos = v * (len(stops) - 1)
+    i = np.clip(pos.astype(int), 0, len(stops) - 2)
+    t = (pos - i)[..., None]
+    return (stops[i] * (1 - t) + stops[i + 1] * t).astype(np.uint8)
+
+
+def _upsample(grid_img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Grid-level array -> pixel level by nearest neighbour (each patch a block)."""
+    gh, gw = grid_img.shape[:2]
+    rows = np.arange(h) * gh // h
+    cols = np.arange(w) * gw // w
+    return grid_img[rows][:, cols]
+
+
+def mask_overlay(loser: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The loser with the partner's patches tinted red (mask 0), winner's patches as they are."""
+    m = _upsample(mask, *loser.shape[:2]) == 255
+    out = loser.astype(np.float32)
+    out[~m] = 0.45 * out[~m] + 0.55 * PARTNER_TINT
+    return out.astype(np.uint8)
+
+
+def saliency_overlay(winner: np.ndarray, saliency: np.ndarray) -> np.ndarray:
+    heat = _upsample(_heat(saliency), *winner.shape[:2])
+    return (0.4 * winner.astype(np.float32) + 0.6 * heat).astype(np.uint8)
+
+
+def _tile(pixels: np.ndarray) -> Image.Image:
+    img = Image.fromarray(pixels)
+    w = max(1, round(img.width * TILE_H / img.height))
+    # Nearest when enlarging so small images show their real pixels; Lanczos when shrinking.
+    resample = Image.Resampling.NEAREST if img.height < TILE_H else Image.Resampling.LANCZOS
+    return img.resize((w, TILE_H), resample)
+
+
+def _first_pairs(out_dir: Path, n: int) -> list[dict]:
+    pairs = []
+    for ref in resolve_shards(out_dir):
+        for key, parts in iter_tar_samples(ref):
+            rec = parse_record(parts.get("json", b"null"), f"{ref.tar}: sample {key}")
+            fmt = rec.get("image_format")
+            try:
+                winner = decode_image(parts[f"winner.{fmt}"])
+                loser = decode_image(parts[f"loser.{fmt}"])
+                mask = decode_image(parts["mask.png"], "L")
+            except (KeyError, OSError, ValueError):
+                raise UserError(f"{ref.tar}: sample {key} lacks an image or does not decode; run `validate`") from None
+            pairs.append({"rec": rec, "winner": winner, "loser": loser, "mask": mask})
+            if len(pairs) == n:
+                return pairs
+    return pairs
+
+
+def make_contact_sheet(out_dir: Path, n: int, path: Path) -> Path:
+    """Write a PNG with one row per pair (the first `n` ok pairs in shard order) and return its path."""
+    if n < 1:
+        raise UserError(f"--n must be at least 1, got {n}")
+    output_shards_dir(out_dir)
+    pairs = _first_pairs(Path(out_dir), n)
+    if not pairs:
+        raise UserError(f"{out_dir} has no ok pairs to show")
+    show_sal = any(p["rec"].get("saliency") for p in pairs)
+    titles = ["winner", "loser", "mask (red = partner)"] + (["saliency"] if show_sal else [])
+
+    rows = []
+    for p in pairs:
+        rec = p["rec"]
+        tiles = [p["winner"], p["loser"], mask_overlay(p["loser"], p["mask"])]
+        if show_sal:
+            sal = rec.get("saliency")
+            gh, gw = p["mask"].shape
+            tiles.append(saliency_overlay(p["winner"], np.asarray(sal, np.float32).reshape(gh, gw))
+                         if sal and len(sal) == gh * gw else np.zeros_like(p["winner"]))
+        rows.append((rec, [_tile(t) for t in tiles]))
+
+    col_w = [max(r[1][c].width for r in rows) for c in range(len(titles))]
+    head_h = 22
+    width = PAD + sum(w + PAD for w in col_w) + TEXT_W
+    height = head_h + len(rows) * (TILE_H + PAD) + PAD
+    sheet = Image.new("RGB", (width, height), BG)
+    draw = ImageDraw.Draw(sheet)
+    font, small = _font(14), _font(13)
+    x = PAD
+    for title, w in zip(titles, col_w):
+        draw.text((x, 4), title, fill=FG, font=font)
+        x += w + PAD
+    for i, (rec, tiles) in enumerate(rows):
+        y = head_h + i * (TILE_H + PAD)
+        x = PAD
+        for tile, w in zip(tiles, col_w):
+            sheet.paste(tile, (x, y))
+            x += w + PAD
+        info = [
+            rec.get("key", "?"),
+            f"lam      {rec.get('lam', float('nan')):.3f}",
+            f"lam_hat  {rec.get('lam_hat', float('nan')):.3f}",
+            f"margin   {rec.get('margin', float('nan')):.3f}",
+            f"{rec.get('method')} / {rec.get('lam_mode')}",
+            f"partner  {rec.get('partner_key')}",
+        ]
+        if rec.get("label") is not None:
+            info.append(f"label    {rec.get('label')} / {rec.get('partner_label')}")
+        for j, line in enumerate(info):
+            draw.text((x, y + 2 + j * 18), line, fill=FG, font=font if j == 0 else small)
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise UserError(f"folder {path.parent} does not exist: create it or choose another -o path")
+    sheet.save(path, format="PNG")
+    return path
