@@ -37,6 +37,140 @@ def user_errors(fn):
 # --- commands are registered below, one section per command --------------------------
 
 
+# --- generate ----------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def generate(
+    input: str = typer.Option(None, "--input", "-i", help="LLaVA .json, image folder, webdataset tars (file, glob, {a..b}, folder) or .jsonl/.parquet manifest"),
+    output: str = typer.Option(None, "--output", "-o", help="output directory for shards/, run.json, index.json"),
+    image_root: str = typer.Option(None, help="directory the input's image paths are relative to (paths may not leave it)"),
+    folder_labels: bool = typer.Option(None, "--folder-labels/--no-folder-labels", help="image folder: class subfolders become labels"),
+    model: str = typer.Option(None, help="open_clip model name or model-config JSON [ViT-L-14-336]"),
+    pretrained: str = typer.Option(None, help="open_clip tag, checkpoint PATH, or none (random weights) [openai]"),
+    merge: int = typer.Option(None, help="tokens removed by merging before the saliency layer, R [288]"),
+    attn_layer: int = typer.Option(None, help="block whose CLS attention is the saliency; negative counts from the end [-2]"),
+    prop_attn: bool = typer.Option(None, "--prop-attn/--no-prop-attn", help="proportional attention on merged tokens [off]"),
+    merge_schedule: str = typer.Option(None, help="constant | decreasing [constant]"),
+    method: str = typer.Option(None, help="mergemix | mergemix-official | mergemix-r | topk | random | mixup | cutmix | resizemix | blur [mergemix]"),
+    lam: str = typer.Option(None, help="beta:ALPHA | uniform:A,B | fixed:V [beta:1.0]"),
+    lam_mode: str = typer.Option(None, help="area | paper | fixed [area]"),
+    resize: str = typer.Option(None, help="pad | center-crop | squash [pad]"),
+    image_format: str = typer.Option(None, help="jpg | png | webp (png and webp are lossless) [jpg]"),
+    jpeg_quality: int = typer.Option(None, help="JPEG quality [95]"),
+    precision: str = typer.Option(None, help="autocast dtype on CUDA: bf16 | fp16 | fp32 [bf16]"),
+    seed: int = typer.Option(None, help="run seed; per-sample draws use (seed, key) [0]"),
+    workers: int = typer.Option(None, help="encoder actors [one per GPU, else one per 2 CPUs]"),
+    batch_size: int = typer.Option(None, help="images per encoder forward [64]"),
+    samples_per_shard: int = typer.Option(None, help="inputs per work unit = per shard [1000]"),
+    device: str = typer.Option(None, help="auto | cpu | cuda [auto]"),
+    address: str = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"),
+    overwrite: bool = typer.Option(None, "--overwrite", help="replace output written with another configuration"),
+    progress: bool = typer.Option(None, "--progress/--no-progress", help="show the progress bar [on]"),
+    config: str = typer.Option(None, "--config", help="YAML file with the same keys as these flags"),
+):
+    """Generate MergeMix winner/loser preference shards on Ray."""
+    import json
+
+    from pipeline.config import GenerateConfig
+    from pipeline.run import generate as run_generate
+
+    flags = {k: v for k, v in locals().items() if k not in ("json", "GenerateConfig", "run_generate")}
+    cfg = GenerateConfig.build(flags)
+    typer.echo("effective config: " + json.dumps(cfg.output_keys() | {"workers": cfg.workers, "batch_size": cfg.batch_size}, sort_keys=True), err=True)
+    result = run_generate(cfg)
+    _print_summary(result)
+    if not result.ok:
+        raise typer.Exit(code=1)
+
+
+def _print_summary(result) -> None:
+    counts = result.counts
+    done = sum(counts.values())
+    rate = done / result.seconds if result.seconds else 0.0
+    lines = [
+        ("output", str(result.out_dir)),
+        ("fingerprint", result.fingerprint),
+        ("units", f"{result.units_written} written, {result.units_skipped} already committed, "
+                  f"{len(result.failed_units)} failed, {result.units_total} planned"),
+        ("inputs this run", f"{done}: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped"),
+        ("time", f"{result.seconds:.1f} s ({rate:.1f} inputs/s)"),
+    ]
+    for unit, error in sorted(result.failed_units.items()):
+        lines.append((f"failed unit {unit}", error))
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        typer.echo(f"{k:<{width}}  {v}")
+
+
+# --- sample-data ---------------------------------------------------------------------------
+
+
+@app.command("sample-data")
+@user_errors
+def sample_data(
+    directory: str = typer.Argument(..., help="where to write llava.json and images/"),
+    n: int = typer.Option(64, "--n", help="number of samples"),
+    seed: int = typer.Option(0, help="seed for the generated images"),
+):
+    """Write a small LLaVA-format demo set (generated images, questions, answers)."""
+    from stages.sample_data import write_sample_data
+
+    path = write_sample_data(directory, n=n, seed=seed)
+    typer.echo(f"wrote {n} samples: {path} (images under {path.parent / 'images'})")
+
+
+# --- inspect -------------------------------------------------------------------------------
+
+
+@app.command("inspect")
+@user_errors
+def inspect_cmd(out: str = typer.Argument(..., help="output directory of `generate`")):
+    """Counts per status and failure reason, lam / lam_hat / margin histograms, methods, model, config."""
+    from stages.shardcheck import inspect_output
+
+    typer.echo(inspect_output(out))
+
+
+# --- validate ------------------------------------------------------------------------------
+
+
+@app.command("validate")
+@user_errors
+def validate_cmd(out: str = typer.Argument(..., help="output directory of `generate`")):
+    """Check every committed unit: tar members against parquet rows and hashes, completeness,
+    unique keys, index.json and run.json. Lists every problem; exit code 1 if any."""
+    from stages.shardcheck import validate_output
+
+    problems = validate_output(out)
+    for line in problems:
+        typer.echo(line)
+    if problems:
+        typer.echo(f"{len(problems)} problem(s) in {out}", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(f"ok: {out} is valid")
+
+
+# --- preview -------------------------------------------------------------------------------
+
+
+@app.command("preview")
+@user_errors
+def preview_cmd(
+    out: str = typer.Argument(..., help="output directory of `generate`"),
+    n: int = typer.Option(16, "--n", help="number of pairs (rows)"),
+    output: str = typer.Option("preview.png", "--output", "-o", help="PNG file to write"),
+):
+    """Contact sheet PNG: winner, loser, mask overlay (and saliency) with key, lam, lam_hat, margin."""
+    from pathlib import Path
+
+    from stages.preview import make_contact_sheet
+
+    path = make_contact_sheet(Path(out), n, Path(output))
+    typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     app()
 

@@ -10,9 +10,11 @@ attention (O(tokens) per head) instead of the whole N x N map. Both open_clip bl
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -260,23 +262,10 @@ def load_encoder(
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     name = _register_model(model, open_clip)
-    tag = None if pretrained in (None, "", "none") else str(pretrained)
-    if tag is None:
+    checkpoint = resolve_pretrained(model, pretrained)
+    if checkpoint is None:
         log.warning("RANDOM WEIGHTS: %s built with --pretrained none; saliency is meaningless for real data", model)
-    elif not Path(tag).is_file() and tag not in open_clip.list_pretrained_tags_by_model(name):
-        if Path(tag).suffix or "/" in tag:
-            raise UserError(f"checkpoint {tag} not found; pass --pretrained PATH to an existing file, or --pretrained none")
-        known = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none known"
-        raise UserError(f"{model} has no pretrained tag {tag!r} (tags: {known}); or pass --pretrained PATH or --pretrained none")
-    try:
-        clip = open_clip.create_model(name, pretrained=tag, weights_only=True)
-    except (OSError, RuntimeError, ValueError) as exc:
-        if tag is None:
-            raise
-        raise UserError(
-            f"could not load pretrained weights {tag!r} for {model} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
-            "download them where you have network and pass --pretrained PATH, or use --pretrained none for random weights"
-        ) from None
+    clip = open_clip.create_model(name, pretrained=checkpoint, weights_only=True)
     pre = open_clip.get_model_preprocess_cfg(clip)
     visual = clip.visual
     del clip  # the text tower is not needed
@@ -285,6 +274,63 @@ def load_encoder(
     if torch.device(device).type == "cuda" and precision != "fp32":
         encoder.autocast_dtype = PRECISIONS[precision]
     return encoder
+
+
+def resolve_pretrained(model: str, pretrained: str | None) -> str | None:
+    """A local checkpoint path for `pretrained` (tag downloads go to open_clip's cache), or
+    None for random weights. Run it once in the driver so that an offline machine fails
+    with one clear line before any worker starts."""
+    import open_clip
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+    tag = None if pretrained in (None, "", "none") else str(pretrained)
+    if tag is None or Path(tag).is_file():
+        return tag
+    name = _register_model(model, open_clip)
+    if tag not in open_clip.list_pretrained_tags_by_model(name):
+        if Path(tag).suffix or "/" in tag:
+            raise UserError(f"checkpoint {tag} not found; pass --pretrained PATH to an existing file, or --pretrained none")
+        known = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none known"
+        raise UserError(f"{model} has no pretrained tag {tag!r} (tags: {known}); or pass --pretrained PATH or --pretrained none")
+    try:
+        with _hub_offline_unless_reachable():
+            path = download_pretrained(get_pretrained_cfg(name, tag))
+    except Exception as exc:  # hub and url downloads raise many types when offline
+        raise UserError(
+            f"could not get pretrained weights {tag!r} for {model} ({type(exc).__name__}); "
+            "download them where you have network and pass --pretrained PATH, or use --pretrained none for random weights"
+        ) from None
+    if not path:
+        raise UserError(f"no download source for {model} {tag!r}; pass --pretrained PATH or --pretrained none")
+    return path
+
+
+@contextlib.contextmanager
+def _hub_offline_unless_reachable(host: str = "huggingface.co"):
+    """Without network, let the hub answer from its cache at once instead of retrying for a minute."""
+    from huggingface_hub import constants
+
+    try:
+        socket.getaddrinfo(host, 443)
+        reachable = True
+    except OSError:
+        reachable = False
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or not reachable
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def model_geometry(model: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(image size, patch size) of an open_clip ViT from its config, without building it."""
+    import open_clip
+
+    vision = open_clip.get_model_config(_register_model(model, open_clip))["vision_cfg"]
+    size, patch = vision.get("image_size", 224), vision.get("patch_size", 16)
+    as_pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    return as_pair(size), as_pair(patch)
 
 
 def _register_model(model: str, open_clip) -> str:

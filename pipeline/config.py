@@ -1,0 +1,126 @@
+"""The `generate` configuration: defaults, YAML file, flags, validation and fingerprint.
+
+Precedence: built-in defaults < `--config FILE.yaml` < flags given on the command line.
+The fingerprint hashes only the keys that change the output, so a resumed run with, say,
+more workers is accepted while a different seed or model is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from stages.errors import UserError
+from stages.mix import LAM_MODES, METHODS, parse_lam_spec
+from stages.preprocess import RESIZE_MODES
+
+IMAGE_FORMATS = ("jpg", "png", "webp")
+
+# Keys that do not change a single output byte: they may differ between a run and its resume.
+RUN_ONLY_KEYS = frozenset({"output", "workers", "batch_size", "address", "overwrite", "config", "device", "progress"})
+
+
+@dataclass
+class GenerateConfig:
+    input: str = ""
+    output: str = ""
+    image_root: str | None = None
+    folder_labels: bool = False
+    model: str = "ViT-L-14-336"
+    pretrained: str = "openai"
+    merge: int = 288
+    attn_layer: int = -2
+    prop_attn: bool = False
+    merge_schedule: str = "constant"
+    method: str = "mergemix"
+    lam: str = "beta:1.0"
+    lam_mode: str = "area"
+    resize: str = "pad"
+    image_format: str = "jpg"
+    jpeg_quality: int = 95
+    precision: str = "bf16"  # used on CUDA only; CPU runs in fp32
+    seed: int = 0
+    samples_per_shard: int = 1000
+    workers: int | None = None  # encoder actors; default: one per GPU, else one per 2 CPUs
+    batch_size: int = 64
+    device: str = "auto"  # auto | cpu | cuda
+    address: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+    config: str | None = None
+
+    @classmethod
+    def build(cls, flags: dict) -> "GenerateConfig":
+        """Defaults < YAML (flags['config']) < flags that are not None."""
+        values: dict = {}
+        if flags.get("config"):
+            values.update(load_yaml(flags["config"]))
+        values.update({k: v for k, v in flags.items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown config key(s): {', '.join(unknown)}")
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if not self.input:
+            raise UserError("--input is required (a LLaVA .json, an image folder, webdataset tars, or a .jsonl/.parquet manifest)")
+        if not self.output:
+            raise UserError("--output is required (the directory the shards go to)")
+        choices = {"method": METHODS, "lam_mode": LAM_MODES, "resize": RESIZE_MODES, "image_format": IMAGE_FORMATS,
+                   "device": ("auto", "cpu", "cuda"), "precision": ("fp32", "bf16", "fp16"), "merge_schedule": ("constant", "decreasing")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise UserError(f"--{key.replace('_', '-')} {getattr(self, key)!r} is not one of: {', '.join(allowed)}")
+        try:
+            parse_lam_spec(self.lam)
+        except ValueError as exc:
+            raise UserError(f"--lam: {exc}") from None
+        for key, low in (("samples_per_shard", 1), ("batch_size", 1), ("merge", 0), ("workers", 1)):
+            value = getattr(self, key)
+            if value is not None and value < low:
+                raise UserError(f"--{key.replace('_', '-')} must be >= {low}, got {value}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise UserError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
+        if self.image_root is not None and not Path(self.image_root).is_dir():
+            raise UserError(f"--image-root {self.image_root} is not a directory")
+
+    @property
+    def effective_merge(self) -> int:
+        """Methods without merging run the un-merged tower whatever --merge says."""
+        return 0 if self.method == "topk" else self.merge
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def output_keys(self) -> dict:
+        d = {k: v for k, v in self.to_dict().items() if k not in RUN_ONLY_KEYS}
+        d["merge"] = self.effective_merge
+        d["input"] = str(Path(self.input).resolve()) if "://" not in self.input else self.input
+        if self.image_root:
+            d["image_root"] = str(Path(self.image_root).resolve())
+        if self.image_format != "jpg":
+            d.pop("jpeg_quality")
+        return d
+
+    def fingerprint(self) -> str:
+        text = json.dumps(self.output_keys(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of keys to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}

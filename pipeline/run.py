@@ -1,0 +1,252 @@
+"""`generate` on Ray: plan units, skip committed ones, and stream the rest through
+CPU prepare tasks -> encoder actors -> CPU write tasks.
+
+Every unit is independent (its partners, lam draws and masks depend only on its own
+inputs, the config and the seed), so the output does not depend on how many actors run
+or on which node a unit lands. The driver holds only light records and a bounded number
+of units in flight; pixels move between tasks and actors through Ray's object store.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from pipeline.config import GenerateConfig
+from schemas.shard import SCHEMA_VERSION
+from stages.encoder import load_encoder, model_geometry, resolve_pretrained
+from stages.errors import UserError
+from stages.pairs import PairMaker, PreparedUnit, UnitPairs, prepare_unit
+from stages.read import InputRecord, detect_kind, read_records
+from stages.writer import PairImages, clean_uncommitted, committed_units, package_versions, write_run_files, write_unit
+
+UNITS_IN_FLIGHT_PER_ACTOR = 2  # one being encoded, one being prepared behind it
+UNIT_RETRIES = 2  # a unit that raises is retried this many times, then recorded as failed
+
+
+@dataclass
+class Unit:
+    unit_id: int
+    start: int
+    records: list[InputRecord]
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    fingerprint: str
+    units_total: int
+    units_skipped: int  # already committed before this run
+    units_written: int
+    failed_units: dict = field(default_factory=dict)  # unit id -> error
+    counts: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_units
+
+
+def plan_units(records: list[InputRecord], per_shard: int) -> list[Unit]:
+    return [Unit(u, s, records[s : s + per_shard]) for u, s in enumerate(range(0, len(records), per_shard))]
+
+
+# --- resume: same config continues, another config is refused -----------------------------
+
+
+def check_output(out: Path, cfg: GenerateConfig) -> None:
+    run_file, shards = out / "run.json", out / "shards"
+    if cfg.overwrite:
+        for path in (run_file, out / "index.json"):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(shards, ignore_errors=True)
+        return
+    fingerprint = cfg.fingerprint()
+    previous = {s.get("fingerprint") for s in committed_units(out).values()}
+    if run_file.is_file():
+        import json
+
+        try:
+            previous.add(json.loads(run_file.read_text()).get("fingerprint"))
+        except ValueError:
+            pass
+    previous.discard(None)
+    if previous and previous != {fingerprint}:
+        raise UserError(
+            f"{out} holds output of a different configuration (fingerprint {sorted(previous)[0]}, now {fingerprint}); "
+            "use the same flags to resume, another --output, or --overwrite to replace it"
+        )
+
+
+# --- Ray side ------------------------------------------------------------------------------
+
+
+@dataclass
+class Sizing:
+    actors: int
+    actor_cpus: float
+    actor_gpus: float
+    task_cpus: float
+    device: str
+    threads: int
+
+
+def size_from_cluster(cfg: GenerateConfig) -> Sizing:
+    """Actors and task sizes from the cluster's resources; never asks for more than exist."""
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 1)), float(res.get("GPU", 0))
+    use_gpu = gpus >= 1 and cfg.device != "cpu"
+    if cfg.device == "cuda" and not use_gpu:
+        raise UserError("--device cuda but the Ray cluster has no GPU")
+    if use_gpu:
+        actors = cfg.workers or int(gpus)
+        return Sizing(actors, min(1.0, cpus / (2 * actors)), min(1.0, gpus / actors), 1.0 if cpus > actors + 1 else 0.5, "cuda", 4)
+    actors = cfg.workers or max(1, int(cpus) // 2)
+    # Half the CPUs to encoder actors, half to prepare/write tasks (fractional, so both fit).
+    # One torch thread per actor: results must not depend on thread count (see README).
+    return Sizing(actors, cpus / (2 * actors), 0.0, max(0.25, min(1.0, cpus / 4)), "cpu", 1)
+
+
+@ray.remote
+class UnitWorker:
+    """One model load per actor; turns prepared units into pairs."""
+
+    def __init__(self, cfg: dict, checkpoint: str | None, device: str, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        c = GenerateConfig(**cfg)
+        encoder = load_encoder(c.model, checkpoint, merge=c.effective_merge, attn_layer=c.attn_layer,
+                               prop_attn=c.prop_attn, schedule=c.merge_schedule, device=device, precision=c.precision)
+        describe = {"model": c.model, "pretrained": c.pretrained if checkpoint else None, "seed": c.seed,
+                    "method": c.method, "lam_mode": c.lam_mode, **encoder.describe()}
+        describe.pop("patch_size")
+        self.maker = PairMaker(encoder, method=c.method, lam=c.lam, lam_mode=c.lam_mode, seed=c.seed,
+                               batch_size=c.batch_size, describe=describe)
+
+    def make(self, unit: PreparedUnit) -> UnitPairs:
+        return self.maker.make(unit)
+
+
+@ray.remote
+def _prepare(unit: Unit, image_size, resize: str, image_root: str | None) -> PreparedUnit:
+    return prepare_unit(unit.unit_id, unit.start, unit.records, image_size, resize, image_root)
+
+
+@ray.remote
+def _write(pairs: UnitPairs, out_dir: str, image_format: str, jpeg_quality: int, fingerprint: str) -> dict:
+    ok = [r for r in pairs.rows if r["status"] == "ok"]
+    images = {r["key"]: PairImages(pairs.winners[i], pairs.losers[i], pairs.masks[i]) for i, r in enumerate(ok)}
+    return write_unit(Path(out_dir), pairs.unit_id, pairs.rows, images, image_format=image_format,
+                      jpeg_quality=jpeg_quality, fingerprint=fingerprint, extra_stats={"timings": pairs.timings})
+
+
+def connect(address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    if address:
+        project = Path(__file__).resolve().parents[1]
+        modules = [str(project / name) for name in ("pipeline", "stages", "schemas")]
+        ray.init(address=address, runtime_env={"py_modules": modules}, log_to_driver=False)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)  # inside `ray job submit`, or a user-chosen cluster
+    else:
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def generate(cfg: GenerateConfig) -> RunResult:
+    t0 = time.perf_counter()
+    out = Path(cfg.output)
+    kind = detect_kind(cfg.input)
+    image_root = cfg.image_root or (cfg.input if kind == "folder" else None)
+    image_size, _ = model_geometry(cfg.model)
+    checkpoint = resolve_pretrained(cfg.model, cfg.pretrained)
+    records = read_records(cfg.input, folder_labels=cfg.folder_labels)
+    if not records:
+        raise UserError(f"{cfg.input} holds no samples")
+    check_output(out, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_uncommitted(out)
+    fingerprint = cfg.fingerprint()
+    units = plan_units(records, cfg.samples_per_shard)
+    done = committed_units(out)
+    todo = deque(u for u in units if u.unit_id not in done)
+    result = RunResult(out, fingerprint, len(units), len(units) - len(todo), 0)
+
+    connect(cfg.address)
+    sizing = size_from_cluster(cfg)
+    actors = [
+        UnitWorker.options(num_cpus=sizing.actor_cpus, num_gpus=sizing.actor_gpus, max_restarts=3, max_task_retries=3)
+        .remote(cfg.to_dict(), checkpoint, sizing.device, sizing.threads)
+        for _ in range(min(sizing.actors, max(1, len(todo))))
+    ]
+    prepare = _prepare.options(num_cpus=sizing.task_cpus, max_retries=3)
+    write = _write.options(num_cpus=sizing.task_cpus, max_retries=3)
+
+    counts = {"ok": 0, "failed": 0, "skipped": 0}
+    attempts: dict[int, int] = {}
+    in_flight: dict = {}  # write ref -> (unit, actor index)
+    load = [0] * len(actors)
+    samples_todo = sum(len(u.records) for u in todo)
+    bar = tqdm(total=samples_todo, unit="pair", disable=not cfg.progress, dynamic_ncols=True, desc="generate")
+    try:
+        while todo or in_flight:
+            while todo and min(load) < UNITS_IN_FLIGHT_PER_ACTOR:
+                a = load.index(min(load))
+                unit = todo.popleft()
+                prepared = prepare.remote(unit, image_size, cfg.resize, image_root)
+                pairs = actors[a].make.remote(prepared)
+                in_flight[write.remote(pairs, str(out), cfg.image_format, cfg.jpeg_quality, fingerprint)] = (unit, a)
+                load[a] += 1
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            unit, a = in_flight.pop(ready[0])
+            load[a] -= 1
+            try:
+                stats = ray.get(ready[0])
+            except (ray.exceptions.RayError, Exception) as exc:
+                attempts[unit.unit_id] = attempts.get(unit.unit_id, 0) + 1
+                if attempts[unit.unit_id] <= UNIT_RETRIES:
+                    todo.append(unit)
+                    continue
+                result.failed_units[unit.unit_id] = _one_line(exc)
+                bar.update(len(unit.records))
+                continue
+            result.units_written += 1
+            for status in counts:
+                counts[status] += int(stats["counts"].get(status, 0))
+            bar.update(len(unit.records))
+            bar.set_postfix(failed=counts["failed"], skipped=counts["skipped"], refresh=False)
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)
+    result.counts = counts
+    result.seconds = time.perf_counter() - t0
+    write_run_files(out, {
+        "fingerprint": fingerprint,
+        "config": cfg.to_dict(),
+        "output_config": cfg.output_keys(),
+        "schema_version": SCHEMA_VERSION,
+        "versions": package_versions(),
+        "input_kind": kind,
+        "inputs": len(records),
+        "units_planned": len(units),
+        "failed_units": {str(k): v for k, v in sorted(result.failed_units.items())},
+        "this_run": {"units_written": result.units_written, "units_already_committed": result.units_skipped,
+                     "seconds": round(result.seconds, 3), "counts": counts, "sizing": vars(sizing)},
+    })
+    return result
+
+
+def _one_line(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300] if str(cause).strip() else ''}"

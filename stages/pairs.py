@@ -1,0 +1,142 @@
+"""One work unit, from input records to preference pairs.
+
+`prepare_unit` (CPU task): fetch bytes, decode, fit to the encoder geometry; every input
+becomes a row, failures included. `PairMaker.make` (encoder actor): saliency, per-sample
+lam, the partner derangement inside the unit, masks and loser pixels. The pixels the
+encoder saw are exactly the stored winner, and the stored mask is exactly the loser's mask.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from schemas.shard import empty_row, sample_key
+from stages.encoder import MergingEncoder
+from stages.mix import NEEDS_SALIENCY, lam_hats, make_losers, parse_lam_spec, sample_lams, derangement
+from stages.preprocess import load_pixels
+from stages.read import InputError, InputRecord, load_image_bytes, read_tar_text, tar_handle
+
+
+@dataclass
+class PreparedUnit:
+    unit_id: int
+    rows: list[dict]  # one per input, in input order
+    pixels: np.ndarray  # (n_ok, H, W, 3) uint8, rows with status "ok" in order
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def ok_rows(self) -> list[dict]:
+        return [r for r in self.rows if r["status"] == "ok"]
+
+
+@dataclass
+class UnitPairs:
+    unit_id: int
+    rows: list[dict]
+    winners: np.ndarray  # (n_ok, H, W, 3)
+    losers: np.ndarray  # (n_ok, H, W, 3)
+    masks: np.ndarray  # (n_ok, gh, gw)
+    timings: dict = field(default_factory=dict)
+
+
+def prepare_unit(unit_id: int, first_index: int, records: list[InputRecord], image_size: tuple[int, int],
+                 resize: str, image_root: str | None) -> PreparedUnit:
+    """Decode one unit's inputs. Bad input becomes a failed/skipped row, never an exception."""
+    start = time.perf_counter()
+    root = Path(image_root) if image_root else None
+    rows, pixels, handles = [], [], {}
+    try:
+        for i, rec in enumerate(records):
+            row = empty_row(key=sample_key(unit_id, i), source_id=rec.source_id, unit=unit_id, index=i,
+                            input_index=first_index + i, resize_mode=resize)
+            try:
+                if rec.extra.get("tar"):
+                    read_tar_text(rec, tar_handle(handles, rec.extra["tar"]))
+                row.update(prompt=rec.prompt, answer=rec.answer, conversations=rec.conversations, label=rec.label)
+                if rec.error:
+                    raise InputError(*rec.error.split(": ", 1))
+                if rec.image is None:
+                    row.update(status="skipped", error="no_image: text-only sample")
+                else:
+                    array, orig = load_pixels(load_image_bytes(rec.image, root, handles), image_size, resize)
+                    pixels.append(array)
+                    row.update(status="ok", orig_size=list(orig))
+            except InputError as exc:
+                row.update(status="failed", error=str(exc))
+            except Exception as exc:  # an unforeseen reader error costs this row, not the unit
+                row.update(status="failed", error=f"read_error: {type(exc).__name__}: {str(exc)[:200]}")
+            rows.append(row)
+    finally:
+        for handle in handles.values():
+            if hasattr(handle, "close"):
+                handle.close()
+    stacked = np.stack(pixels) if pixels else np.zeros((0, *image_size, 3), np.uint8)
+    return PreparedUnit(unit_id, rows, stacked, {"prepare_s": time.perf_counter() - start})
+
+
+class PairMaker:
+    """Holds the encoders of one actor and turns prepared units into pairs."""
+
+    def __init__(self, encoder: MergingEncoder, *, method: str, lam: str, lam_mode: str, seed: int,
+                 batch_size: int, describe: dict):
+        self.encoder = encoder
+        self.method = method
+        self.lam_spec = parse_lam_spec(lam)
+        self.lam_mode = lam_mode
+        self.seed = seed
+        self.batch_size = batch_size
+        self.describe = describe  # model/pretrained and config fields stamped on every ok row
+
+    def saliency(self, pixels: np.ndarray):
+        grids, tokens, sources = [], [], []
+        for start in range(0, len(pixels), self.batch_size):
+            sal = self.encoder.saliency_from_pixels(torch.from_numpy(pixels[start : start + self.batch_size]))
+            grids.append(sal.grid)
+            tokens.append(sal.token_scores)
+            sources.append(sal.source)
+        return torch.cat(grids), torch.cat(tokens), torch.cat(sources)
+
+    @torch.no_grad()
+    def make(self, unit: PreparedUnit) -> UnitPairs:
+        start = time.perf_counter()
+        ok = unit.ok_rows
+        if len(ok) == 1:  # nothing to mix with: record it instead of pairing an image with itself
+            ok[0].update(status="skipped", error="no_partner: only one usable image in the unit")
+            ok, unit.pixels = [], unit.pixels[:0]
+        enc = self.encoder
+        gh, gw = enc.grid
+        empty = np.zeros((0, *enc.image_size, 3), np.uint8)
+        if not ok:
+            return UnitPairs(unit.unit_id, unit.rows, empty, empty, np.zeros((0, gh, gw), np.uint8), unit.timings)
+        keys = [r["key"] for r in ok]
+        lam = sample_lams(self.lam_spec, self.seed, keys)
+        partner = derangement(keys, self.seed)
+        pixels = torch.from_numpy(unit.pixels).to(enc.device)
+        grid = tokens = source = None
+        if self.method in NEEDS_SALIENCY:
+            grid, tokens, source = self.saliency(unit.pixels)
+        result = make_losers(
+            self.method, pixels, torch.from_numpy(partner).to(enc.device), torch.from_numpy(lam).to(enc.device),
+            grid=enc.grid, patch=enc.patch, keys=keys, seed=self.seed,
+            saliency=None if grid is None else grid.flatten(1), token_scores=tokens, source=source,
+        )
+        kept = result.kept.double().cpu().numpy()
+        lam_hat = lam_hats(self.lam_mode, lam, kept, tokens_kept=enc.tokens_kept, num_patches=enc.num_patches,
+                           seed=self.seed, keys=keys)
+        masks = result.mask.cpu().numpy()
+        flat_saliency = grid.flatten(1).float().cpu().numpy() if grid is not None else None
+        for i, row in enumerate(ok):
+            j = int(partner[i])
+            row.update(
+                self.describe,
+                partner_key=keys[j], partner_source_id=ok[j]["source_id"], partner_label=ok[j]["label"],
+                lam=float(lam[i]), lam_hat=float(lam_hat[i]), margin=float(1.0 - lam_hat[i]),
+                kept_patches=int((masks[i] == 255).sum()),
+                saliency=flat_saliency[i].tolist() if flat_saliency is not None else None,
+            )
+        timings = dict(unit.timings, pairs_s=time.perf_counter() - start)
+        return UnitPairs(unit.unit_id, unit.rows, unit.pixels, result.loser.cpu().numpy(), masks, timings)

@@ -1,0 +1,93 @@
+"""Decode image bytes into the exact uint8 pixels the encoder sees.
+
+decode (refusing decompression bombs before any pixel is decoded) -> EXIF orientation ->
+RGB (transparency composited on the fill colour, 16-bit scaled, CMYK/palette/grey
+converted) -> resize to the encoder geometry by one of three modes:
+
+- pad:         pad to a square with the fill colour, then resize (LLaVA-1.5 does this,
+               with the CLIP mean colour as fill);
+- center-crop: resize the short side, then crop the centre;
+- squash:      resize straight to the target size, ignoring aspect ratio.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from stages.read import InputError
+
+RESIZE_MODES = ("pad", "center-crop", "squash")
+MAX_PIXELS = 90_000_000  # refuse larger declared sizes before decoding (decompression bombs)
+CLIP_MEAN_RGB = (122, 116, 104)  # round(255 * CLIP mean): LLaVA's pad colour
+
+
+def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS, fill=CLIP_MEAN_RGB) -> Image.Image:
+    """Bytes -> upright RGB PIL image, or InputError with a specific reason."""
+    if not data:
+        raise InputError("empty_file", "zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise InputError("too_large", f"declared size {w}x{h} exceeds {max_pixels} pixels")
+            img.load()
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError("too_large", str(exc).split(".")[0]) from None
+    except UnidentifiedImageError:
+        raise InputError("not_an_image", "bytes are not a known image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InputError("corrupt_image", str(exc)[:200] or type(exc).__name__) from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block should not cost the image; keep it as stored
+        pass
+    return to_rgb(img, fill)
+
+
+def to_rgb(img: Image.Image, fill=CLIP_MEAN_RGB) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.uint32 if img.mode == "I" else np.uint16)
+        peak = 65535 if img.mode != "I" else max(int(arr.max()), 255)
+        img = Image.fromarray((arr.astype(np.float64) * 255.0 / peak).round().astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        base = Image.new("RGB", img.size, fill)
+        base.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
+        return base
+    return img.convert("RGB")
+
+
+def resize_to(img: Image.Image, size: tuple[int, int], mode: str = "pad", fill=CLIP_MEAN_RGB) -> np.ndarray:
+    """RGB image -> uint8 array (H, W, 3) of exactly `size` = (H, W)."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {mode!r}; choose one of {', '.join(RESIZE_MODES)}")
+    th, tw = size
+    w, h = img.size
+    if mode == "pad":
+        side = max(w, h)
+        canvas = Image.new("RGB", (side, side), fill)
+        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+        img = canvas.resize((tw, th), Image.BICUBIC)
+    elif mode == "center-crop":
+        scale = max(tw / w, th / h)
+        nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
+        img = img.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - tw) // 2, (nh - th) // 2
+        img = img.crop((left, top, left + tw, top + th))
+    else:
+        img = img.resize((tw, th), Image.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_pixels(data: bytes, size: tuple[int, int], mode: str = "pad") -> tuple[np.ndarray, tuple[int, int]]:
+    """Bytes -> (encoder pixels, original (height, width) after EXIF rotation)."""
+    img = decode_rgb(data)
+    return resize_to(img, size, mode), (img.size[1], img.size[0])
