@@ -35,7 +35,7 @@ Fields (Parquet column == JSON record key; "(h, w)" pairs are 2-element lists):
 | grid               | list<int32>[2]  | patch grid (h, w) of the mask |
 | image_size         | list<int32>[2]  | stored image size (h, w), winner and loser alike |
 | orig_size          | list<int32>[2]  | input image size (h, w) before resizing, after EXIF orientation |
-| resize_mode        | string          | how the input was fitted to image_size: pad, crop, resize |
+| resize_mode        | string          | how the input was fitted to image_size: pad, center-crop, squash |
 | model              | string          | open_clip model name or model-config path used for saliency |
 | pretrained         | string          | pretrained tag or checkpoint path ("" or null for random weights) |
 | merge_total        | int32           | tokens removed by merging (R) |
@@ -105,7 +105,7 @@ ARROW_SCHEMA: pa.Schema = pa.schema(
         _f("grid", _PAIR, "patch grid (h, w) of the mask"),
         _f("image_size", _PAIR, "stored image size (h, w) of winner and loser"),
         _f("orig_size", _PAIR, "input image size (h, w) before resizing, after EXIF orientation"),
-        _f("resize_mode", pa.string(), "how the input was fitted to image_size: pad | crop | resize"),
+        _f("resize_mode", pa.string(), "how the input was fitted to image_size: pad | center-crop | squash"),
         _f("model", pa.string(), "open_clip model name or model-config path used for saliency"),
         _f("pretrained", pa.string(), "pretrained tag or checkpoint path; empty/null for random weights"),
         _f("merge_total", pa.int32(), "tokens removed by merging (R)"),
