@@ -46,10 +46,17 @@ def _upsample(grid_img: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def mask_overlay(loser: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The loser with the partner's patches tinted red (mask 0), winner's patches as they are."""
+    """The loser with the partner's patches tinted red (mask 0) and outlined in white on the
+    partner side (a tint alone is lost on red images); the winner's patches stay as they are."""
     m = _upsample(mask, *loser.shape[:2]) == 255
     out = loser.astype(np.float32)
     out[~m] = 0.45 * out[~m] + 0.55 * PARTNER_TINT
+    edge = np.zeros_like(m)
+    edge[1:] |= m[:-1]
+    edge[:-1] |= m[1:]
+    edge[:, 1:] |= m[:, :-1]
+    edge[:, :-1] |= m[:, 1:]
+    out[edge & ~m] = 255
     return out.astype(np.uint8)
 
 
