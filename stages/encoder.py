@@ -265,7 +265,9 @@ def load_encoder(
     checkpoint = resolve_pretrained(model, pretrained)
     if checkpoint is None:
         log.warning("RANDOM WEIGHTS: %s built with --pretrained none; saliency is meaningless for real data", model)
-    clip = open_clip.create_model(name, pretrained=checkpoint, weights_only=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random weights are the same in every process: runs stay reproducible
+        clip = open_clip.create_model(name, pretrained=checkpoint, weights_only=True)
     pre = open_clip.get_model_preprocess_cfg(clip)
     visual = clip.visual
     del clip  # the text tower is not needed

@@ -1,0 +1,249 @@
+"""`generate` end to end on real Ray, real files and a tiny random open_clip tower."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+
+from pipeline.config import GenerateConfig
+from pipeline.run import generate
+from stages.errors import UserError
+from stages.sample_data import write_sample_data
+from stages.shardcheck import validate_output
+from tests.conftest import make_image
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    write_sample_data(root, n=14, seed=3)
+    return root
+
+
+def config(tiny_model_config, input, output, **kw) -> GenerateConfig:
+    base = dict(input=str(input), output=str(output), model=str(tiny_model_config), pretrained="none", merge=16,
+                samples_per_shard=5, batch_size=4, image_format="png", progress=False, seed=7)
+    return GenerateConfig.build(base | kw)
+
+
+def read_rows(out: Path) -> pa.Table:
+    tables = [pq.read_table(p) for p in sorted((out / "shards").glob("*.parquet"))]
+    return pa.concat_tables(tables).sort_by([("unit", "ascending"), ("index", "ascending")])
+
+
+def tar_members(out: Path) -> dict[str, bytes]:
+    members = {}
+    for path in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(path) as tf:
+            for m in tf.getmembers():
+                members[m.name] = tf.extractfile(m).read()
+    return members
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_llava_json_end_to_end(tiny_model_config, demo, tmp_path):
+    out = tmp_path / "out"
+    result = generate(config(tiny_model_config, demo / "llava.json", out, image_root=str(demo)))
+    assert result.ok and result.units_written == 3  # 15 inputs / 5 per shard
+    assert result.counts == {"ok": 14, "failed": 0, "skipped": 1}
+    assert validate_output(out) == []
+    rows = read_rows(out).to_pylist()
+    assert [r["source_id"] for r in rows] == [f"demo-{i:05d}" for i in range(14)] + ["demo-text-only"]
+    skipped = rows[-1]
+    assert skipped["status"] == "skipped" and skipped["error"].startswith("no_image")
+    ok = [r for r in rows if r["status"] == "ok"]
+    for r in ok:
+        assert r["prompt"].startswith("What colour is the") and r["answer"].startswith("The ")
+        assert r["partner_key"] != r["key"] and r["partner_key"][:6] == r["key"][:6]  # partner from the same unit
+        assert r["lam_hat"] == r["kept_patches"] / 64 and r["margin"] == pytest.approx(1 - r["lam_hat"])
+        assert r["kept_patches"] == int(r["lam"] * 64)  # area mode: exactly floor(lam * L)
+        assert r["merge_total"] == 16 and sum(r["merge_schedule"]) == 16 and r["attn_layer"] == 2
+    run = json.loads((out / "run.json").read_text())
+    assert run["fingerprint"] == result.fingerprint and run["totals"]["ok"] == 14
+
+
+def test_stored_mask_and_winner_are_exactly_what_was_used(tiny_model_config, demo, tmp_path):
+    """loser == M * winner + (1 - M) * partner_winner, pixel for pixel, with the stored mask;
+    the winner equals the encoder's input pixels recomputed from the source image."""
+    from stages.preprocess import load_pixels
+
+    out = tmp_path / "out"
+    generate(config(tiny_model_config, demo / "llava.json", out, image_root=str(demo)))
+    members = tar_members(out)
+    rows = {r["key"]: r for r in read_rows(out).to_pylist() if r["status"] == "ok"}
+    for key, r in rows.items():
+        winner, loser = decode(members[f"{key}.winner.png"]), decode(members[f"{key}.loser.png"])
+        partner = decode(members[f"{r['partner_key']}.winner.png"])
+        mask = decode(members[f"{key}.mask.png"])
+        m = np.kron(mask == 255, np.ones((8, 8), bool))[..., None]
+        assert np.array_equal(loser, np.where(m, winner, partner))
+        source = demo / "images" / f"{r['source_id'][5:]}.jpg"
+        expected, _ = load_pixels(source.read_bytes(), (64, 64), "pad")
+        assert np.array_equal(winner, expected)
+
+
+def test_same_pairs_whatever_the_number_of_workers(tiny_model_config, demo, tmp_path):
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        generate(config(tiny_model_config, demo / "llava.json", out, image_root=str(demo), workers=workers,
+                        image_format="jpg"))
+        outs.append(out)
+    assert read_rows(outs[0]).equals(read_rows(outs[1]))
+    assert tar_members(outs[0]) == tar_members(outs[1])
+    for name in ("000000.tar", "000001.tar", "000002.tar"):
+        assert (outs[0] / "shards" / name).read_bytes() == (outs[1] / "shards" / name).read_bytes()
+
+
+def test_resume_completes_an_interrupted_run_and_refuses_other_configs(tiny_model_config, demo, tmp_path):
+    out, reference = tmp_path / "out", tmp_path / "ref"
+    generate(config(tiny_model_config, demo / "llava.json", reference, image_root=str(demo)))
+    cfg = config(tiny_model_config, demo / "llava.json", out, image_root=str(demo))
+    generate(cfg)
+    # Interrupt: unit 1 lost its commit marker, unit 2 left a temp file behind.
+    (out / "shards" / "000001_stats.json").unlink()
+    (out / "shards" / ".000002.tar.tmp").write_bytes(b"partial")
+    assert validate_output(out)  # the damage is visible
+    result = generate(cfg)
+    assert result.units_written == 1 and result.units_skipped == 2
+    assert validate_output(out) == []
+    assert read_rows(out).equals(read_rows(reference))
+    assert tar_members(out) == tar_members(reference)
+
+    with pytest.raises(UserError, match="different configuration"):
+        generate(config(tiny_model_config, demo / "llava.json", out, image_root=str(demo), seed=8))
+    redone = generate(config(tiny_model_config, demo / "llava.json", out, image_root=str(demo), seed=8, overwrite=True))
+    assert redone.units_written == 3 and validate_output(out) == []
+
+
+def _write_folder(root: Path, classes=("cat", "dog"), per_class=3) -> None:
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(make_image(10 * c + i)).save(root / name / f"{i}.png")
+
+
+def test_image_folder_with_class_labels(tiny_model_config, tmp_path):
+    _write_folder(tmp_path / "imgs")
+    out = tmp_path / "out"
+    result = generate(config(tiny_model_config, tmp_path / "imgs", out, folder_labels=True, samples_per_shard=6))
+    assert result.counts["ok"] == 6 and validate_output(out) == []
+    rows = read_rows(out).to_pylist()
+    assert [r["label"] for r in rows] == ["cat"] * 3 + ["dog"] * 3
+    by_key = {r["key"]: r for r in rows}
+    for r in rows:
+        assert r["partner_label"] == by_key[r["partner_key"]]["label"]
+        assert 0.0 <= r["lam_hat"] <= 1.0
+
+
+def test_webdataset_and_manifests(tiny_model_config, tmp_path):
+    images = [make_image(i) for i in range(6)]
+    encoded = []
+    for img in images:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    # Webdataset input: image + json, one sample with a txt prompt and a class.
+    tar_path = tmp_path / "in-000.tar"
+    with tarfile.open(tar_path, "w") as tf:
+        for i, data in enumerate(encoded):
+            parts = {f"s{i}.png": data}
+            if i == 0:
+                parts[f"s{i}.txt"] = b"a caption"
+                parts[f"s{i}.cls"] = b"3"
+            else:
+                parts[f"s{i}.json"] = json.dumps({"question": f"q{i}", "answer": f"a{i}"}).encode()
+            for name, payload in parts.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+    out = tmp_path / "wds"
+    result = generate(config(tiny_model_config, tar_path, out, samples_per_shard=6))
+    assert result.counts["ok"] == 6 and validate_output(out) == []
+    rows = read_rows(out).to_pylist()
+    assert (rows[0]["prompt"], rows[0]["label"]) == ("a caption", "3")
+    assert (rows[1]["prompt"], rows[1]["answer"]) == ("q1", "a1")
+
+    # Parquet manifest with image bytes, JSONL manifest with paths: same images -> same pixels.
+    pq.write_table(pa.table({"id": [f"p{i}" for i in range(6)], "image_bytes": encoded, "prompt": ["x"] * 6}),
+                   tmp_path / "m.parquet")
+    (tmp_path / "files").mkdir()
+    lines = []
+    for i, data in enumerate(encoded):
+        (tmp_path / "files" / f"{i}.png").write_bytes(data)
+        lines.append(json.dumps({"id": f"j{i}", "image": f"{i}.png", "prompt": "x"}))
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n{not json\n")
+    out_pq, out_jl = tmp_path / "pq", tmp_path / "jl"
+    generate(config(tiny_model_config, tmp_path / "m.parquet", out_pq, samples_per_shard=6))
+    result = generate(config(tiny_model_config, tmp_path / "m.jsonl", out_jl, image_root=str(tmp_path / "files"),
+                             samples_per_shard=6))
+    assert result.counts == {"ok": 6, "failed": 1, "skipped": 0}
+    rows_pq, rows_jl = read_rows(out_pq).to_pylist(), read_rows(out_jl).to_pylist()
+    assert rows_jl[-1]["error"].startswith("malformed_row")
+    for a, b in zip(rows_pq, rows_jl[:6]):
+        assert a["winner_sha256"] == b["winner_sha256"] and a["lam"] == b["lam"]
+
+
+def test_bad_rows_fail_alone(tiny_model_config, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    for i in range(3):
+        Image.fromarray(make_image(i)).save(root / f"{i}.jpg")
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "text.jpg").write_text("not an image")
+    (tmp_path / "secret.jpg").write_bytes((root / "0.jpg").read_bytes())
+    os.symlink(tmp_path / "secret.jpg", root / "link.jpg")
+    entries = [{"id": str(i), "image": f"{i}.jpg"} for i in range(3)] + [
+        {"id": "empty", "image": "empty.jpg"}, {"id": "text", "image": "text.jpg"},
+        {"id": "missing", "image": "nope.jpg"}, {"id": "up", "image": "../secret.jpg"},
+        {"id": "abs", "image": str(tmp_path / "secret.jpg")}, {"id": "link", "image": "link.jpg"},
+        "not an object",
+    ]
+    (tmp_path / "in.json").write_text(json.dumps(entries))
+    out = tmp_path / "out"
+    result = generate(config(tiny_model_config, tmp_path / "in.json", out, image_root=str(root), samples_per_shard=4))
+    assert result.ok and sum(result.counts.values()) == len(entries)
+    reasons = {r["source_id"]: (r["error"] or "").split(":")[0] for r in read_rows(out).to_pylist()}
+    assert reasons == {"0": "", "1": "", "2": "", "empty": "empty_file", "text": "not_an_image",
+                       "missing": "missing_file", "up": "path_outside_root", "abs": "path_outside_root",
+                       "link": "path_outside_root", "row-9": "malformed_row"}
+    assert validate_output(out) == []
+
+
+def test_cli_one_line_errors(tiny_model_config, demo, tmp_path):
+    exe = [sys.executable, "-m", "pipeline.cli"]
+    cases = [
+        (["generate", "--input", str(tmp_path / "nope.json"), "--output", str(tmp_path / "o")], "does not exist"),
+        (["generate", "--input", str(demo / "llava.json"), "--output", str(tmp_path / "o"), "--lam", "beta:-1"], "--lam"),
+        (["generate", "--input", str(demo / "llava.json"), "--output", str(tmp_path / "o"), "--model", "ViT-B-16",
+          "--image-root", str(demo)], "--pretrained PATH"),
+        (["generate", "--config", str(tmp_path / "missing.yaml")], "config file"),
+    ]
+    for args, needle in cases:
+        proc = subprocess.run(exe + args, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and needle in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
