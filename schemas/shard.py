@@ -61,7 +61,9 @@ Fields (Parquet column == JSON record key; "(h, w)" pairs are 2-element lists):
 | schema_version     | string          | this contract's version; also in the Parquet file metadata |
 
 Every field is present in every row and record; only key, status, unit, index and
-schema_version are never null. Nothing is pickled: Parquet, PNG/JPEG/WebP and JSON only.
+schema_version are never null. `json_schema()` derives the record's JSON Schema from
+ARROW_SCHEMA; schemas/sample.schema.json is its saved copy for non-Python readers (a test
+keeps it current). Nothing is pickled: Parquet, PNG/JPEG/WebP and JSON only.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jsonschema
 import pyarrow as pa
@@ -92,6 +93,13 @@ def test_records_validate_against_the_json_schema_derived_from_arrow(tmp_path):
         jsonschema.validate(dict(records[0], extra=1), schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(dict(records[0], key="0.1"), schema)
+
+
+def test_saved_json_schema_file_is_current():
+    """schemas/sample.schema.json is derived from ARROW_SCHEMA; regenerate it when the schema changes:
+    python -c "import json; from schemas.shard import json_schema; print(json.dumps(json_schema(), indent=2))" > schemas/sample.schema.json"""
+    saved = json.loads((Path(shard.__file__).parent / "sample.schema.json").read_text())
+    assert saved == json_schema()
 
 
 def test_schema_versions_with_another_major_are_refused_with_the_fix():
