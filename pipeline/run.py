@@ -117,14 +117,15 @@ def size_from_cluster(cfg: GenerateConfig) -> Sizing:
 class UnitWorker:
     """One model load per actor; turns prepared units into pairs."""
 
-    def __init__(self, cfg: dict, checkpoint: str | None, device: str, threads: int):
+    def __init__(self, cfg: dict, device: str, threads: int):
         import torch
 
         torch.set_num_threads(threads)
         c = GenerateConfig(**cfg)
-        encoder = load_encoder(c.model, checkpoint, merge=c.effective_merge, attn_layer=c.attn_layer,
+        # Each actor resolves the weights itself: a tag downloads into its own node's cache.
+        encoder = load_encoder(c.model, c.pretrained, merge=c.effective_merge, attn_layer=c.attn_layer,
                                prop_attn=c.prop_attn, schedule=c.merge_schedule, device=device, precision=c.precision)
-        describe = {"model": c.model, "pretrained": c.pretrained if checkpoint else None, "seed": c.seed,
+        describe = {"model": c.model, "pretrained": None if c.pretrained in ("", "none") else c.pretrained, "seed": c.seed,
                     "method": c.method, "lam_mode": c.lam_mode, **encoder.describe()}
         describe.pop("patch_size")
         self.maker = PairMaker(encoder, method=c.method, lam=c.lam, lam_mode=c.lam_mode, seed=c.seed,
@@ -169,7 +170,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
     kind = detect_kind(cfg.input)
     image_root = cfg.image_root or (cfg.input if kind == "folder" else None)
     image_size, _ = model_geometry(cfg.model)
-    checkpoint = resolve_pretrained(cfg.model, cfg.pretrained)
+    resolve_pretrained(cfg.model, cfg.pretrained)  # fail here, in one line, before any worker starts
     records = read_records(cfg.input, folder_labels=cfg.folder_labels)
     if not records:
         raise UserError(f"{cfg.input} holds no samples")
@@ -186,7 +187,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
     sizing = size_from_cluster(cfg)
     actors = [
         UnitWorker.options(num_cpus=sizing.actor_cpus, num_gpus=sizing.actor_gpus, max_restarts=3, max_task_retries=3)
-        .remote(cfg.to_dict(), checkpoint, sizing.device, sizing.threads)
+        .remote(cfg.to_dict(), sizing.device, sizing.threads)
         for _ in range(min(sizing.actors, max(1, len(todo))))
     ]
     prepare = _prepare.options(num_cpus=sizing.task_cpus, max_retries=3)
