@@ -171,6 +171,50 @@ def preview_cmd(
     typer.echo(f"wrote {path}")
 
 
+# --- train ---------------------------------------------------------------------------------
+
+
+@app.command("train")
+@user_errors
+def train_cmd(
+    shards: str = typer.Argument(..., help="output directory of `generate` (or its shards/ folder, or a .tar)"),
+    output: str = typer.Option(..., "--output", "-o", help="run folder: log.jsonl, checkpoint.pt, train_config.json"),
+    model: str = typer.Option("toy", help="model adapter: toy | llava-hf"),
+    model_path: str = typer.Option(None, "--model-path", help="llava-hf: model folder or hub id; toy: open_clip config JSON"),
+    model_dtype: str = typer.Option("fp32", "--model-dtype", help="llava-hf weight dtype: fp32 | bf16"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="llava-hf: trade compute for memory"),
+    steps: int = typer.Option(100, help="optimizer steps in total (a resumed run continues up to this)"),
+    batch_size: int = typer.Option(8, "--batch-size", help="pairs per micro-batch"),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="micro-batches per optimizer step"),
+    lr: float = typer.Option(1e-4, help="peak learning rate (AdamW)"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    warmup: int = typer.Option(10, help="linear warm-up steps before the cosine decay"),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="gradient clipping; 0 = off"),
+    log_every: int = typer.Option(10, "--log-every", help="steps between log lines"),
+    save_every: int = typer.Option(0, "--save-every", help="steps between checkpoints; 0 = at the end only"),
+    beta: float = typer.Option(1.0, help="SimPO beta"),
+    sft_weight: float = typer.Option(0.5, "--sft-weight", help="weight of the SFT loss"),
+    pref_weight: float = typer.Option(0.5, "--pref-weight", help="weight of the mixed SimPO loss"),
+    two_sided: bool = typer.Option(False, "--two-sided", help="gradients through the loser too (default: stop-gradient)"),
+    margin_from: str = typer.Option("lam_hat", "--margin-from", help="SimPO margin 1 - lam_hat (stored) or 1 - lam"),
+    seed: int = typer.Option(0),
+    num_workers: int = typer.Option(0, "--num-workers", help="DataLoader workers"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --output from its checkpoint"),
+):
+    """Train a model on the shards with SFT + mixed SimPO (METHOD.md section 5)."""
+    from stages.train import TrainConfig, train
+
+    result = train(TrainConfig(
+        shards=shards, output=output, model=model, model_path=model_path, model_dtype=model_dtype,
+        gradient_checkpointing=gradient_checkpointing, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        weight_decay=weight_decay, warmup=warmup, max_grad_norm=max_grad_norm, log_every=log_every, save_every=save_every,
+        beta=beta, sft_weight=sft_weight, pref_weight=pref_weight, two_sided=two_sided, margin_from=margin_from, seed=seed,
+        num_workers=num_workers, device=device, resume=resume,
+    ), echo=typer.echo)
+    typer.echo(f"done: step {result['step']}, run folder {result['output']}")
+
+
 def main() -> None:
     app()
 

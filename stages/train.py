@@ -1,0 +1,282 @@
+"""A slim trainer for MergeMix preference shards: SFT + mixed SimPO (METHOD.md section 5).
+
+One optimizer step = `grad_accum` micro-batches. Each micro-batch runs the model on the clean
+images (with gradient: SFT and the winner side of SimPO) and on the mixed images (without
+gradient unless `two_sided`), then `stages.losses.mergemix_loss`. AdamW, linear warm-up then
+cosine decay, bf16 autocast on CUDA, gradient clipping. Every `log_every` steps the metrics
+averaged since the last log go to stdout and `RUN_DIR/log.jsonl`. `RUN_DIR/checkpoint.pt`
+holds the trainable weights, optimizer, schedule and data position, so `resume` continues
+exactly where the run stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from stages.errors import UserError
+from stages.loader import ShardDataset, collate_pairs
+from stages.losses import mergemix_loss
+from stages.vlm import build_adapter
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+CONFIG = "train_config.json"
+# Settings that must not change when a run is resumed.
+FIXED_ON_RESUME = ("model", "model_path", "batch_size", "grad_accum", "seed", "two_sided")
+DEFAULT_PROMPT = "What is in the image?"
+
+
+@dataclass
+class TrainConfig:
+    shards: str
+    output: str
+    model: str = "toy"  # toy | llava-hf
+    model_path: str | None = None  # llava-hf: model folder or hub id; toy: optional open_clip config JSON
+    model_dtype: str = "fp32"  # llava-hf weights: fp32 | bf16
+    gradient_checkpointing: bool = False
+    steps: int = 100  # optimizer steps in total (a resumed run continues up to this)
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup: int = 10  # steps of linear warm-up before the cosine decay
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    log_every: int = 10
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    beta: float = 1.0
+    sft_weight: float = 0.5
+    pref_weight: float = 0.5
+    two_sided: bool = False  # gradients through the loser too
+    margin_from: str = "lam_hat"  # gamma = 1 - lam_hat (stored margin) | 1 - lam
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "auto"
+    resume: bool = False
+
+    def check(self) -> None:
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum, "log_every": self.log_every}
+        for name, value in positive.items():
+            if value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.lr <= 0 or self.warmup < 0 or self.save_every < 0 or self.num_workers < 0:
+            raise UserError("--lr must be positive; --warmup, --save-every and --num-workers must not be negative")
+        if self.margin_from not in ("lam_hat", "lam"):
+            raise UserError(f"--margin-from must be lam_hat or lam, got {self.margin_from!r}")
+
+
+def cosine_with_warmup(warmup: int, total: int):
+    """LR multiplier for step s: linear up to 1 over `warmup` steps, then cosine down to 0 at `total`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def texts(batch: dict) -> tuple[list[str], list[str]]:
+    """Prompts and answers; classification shards (label only) train on `label` as the answer."""
+    prompts, answers = [], []
+    for prompt, answer, label in zip(batch["prompt"], batch["answer"], batch["label"]):
+        if answer is None and label is not None:
+            prompt, answer = prompt or DEFAULT_PROMPT, str(label)
+        if answer is None:
+            raise UserError("a sample has neither answer nor label; train needs text targets (generate from LLaVA JSON or a labelled manifest)")
+        prompts.append(prompt or "")
+        answers.append(answer)
+    return prompts, answers
+
+
+class BatchStream:
+    """Endless batches over epochs with a resumable position (epoch, batches used in it)."""
+
+    def __init__(self, dataset: ShardDataset, cfg: TrainConfig, epoch: int = 0, offset: int = 0):
+        self.dataset, self.cfg, self.epoch, self.offset = dataset, cfg, epoch, offset
+
+    def __iter__(self):
+        while True:
+            self.dataset.set_epoch(self.epoch)
+            loader = DataLoader(self.dataset, batch_size=self.cfg.batch_size, collate_fn=collate_pairs, num_workers=self.cfg.num_workers)
+            seen = 0
+            for index, batch in enumerate(loader):
+                seen += 1
+                if index < self.offset:  # resume: skip what the saved run already used
+                    continue
+                self.offset = index + 1
+                yield batch
+            if seen == 0:
+                raise UserError(f"no samples in {self.cfg.shards}; check the path, or generate shards first")
+            self.epoch, self.offset = self.epoch + 1, 0
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records of steps after the checkpoint: the resumed run logs them again."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def trainable_state(model: torch.nn.Module) -> dict:
+    return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, shards, *, batch_size: int = 16, max_batches: int | None = None, beta: float = 1.0) -> dict:
+    """Loss and reward metrics of `model` on shards (no gradient), averaged over samples."""
+    device = next(model.parameters()).device
+    dataset = ShardDataset(shards, image_size=getattr(model, "image_size", None))
+    was_training = model.training
+    model.eval()
+    sums, n = defaultdict(float), 0
+    for i, batch in enumerate(DataLoader(dataset, batch_size=batch_size, collate_fn=collate_pairs)):
+        if max_batches is not None and i >= max_batches:
+            break
+        prompts, answers = texts(batch)
+        w_logits, w_labels = model(batch["winner"].to(device), prompts, answers)
+        l_logits, l_labels = model(batch["loser"].to(device), prompts, answers)
+        result = mergemix_loss(w_logits, w_labels, l_logits, l_labels, batch["margin"].to(device), beta=beta)
+        for name, value in result.metrics.items():
+            sums[name] += value * len(answers)
+        n += len(answers)
+    model.train(was_training)
+    if n == 0:
+        raise UserError(f"no samples in {shards}")
+    return {k: v / n for k, v in sums.items()}
+
+
+def load_trained(run_dir, device: str = "cpu") -> torch.nn.Module:
+    """The model of a run folder: built as its config says, with the checkpoint's weights."""
+    run = Path(run_dir)
+    if not (run / CHECKPOINT).exists():
+        raise UserError(f"{run} has no {CHECKPOINT}; pass the --output folder of a train run")
+    known = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in json.loads((run / CONFIG).read_text()).items() if k in known})
+    torch.manual_seed(cfg.seed)
+    model = build_adapter(cfg.model, cfg.model_path, dtype=cfg.model_dtype)
+    model.load_state_dict(torch.load(run / CHECKPOINT, map_location="cpu", weights_only=False)["model"], strict=False)
+    return model.to(device)
+
+
+def train(cfg: TrainConfig, echo=print) -> dict:
+    """Run (or resume) training; returns the first and last logged metrics and the final step."""
+    cfg.check()
+    out = Path(cfg.output)
+    ckpt_path = out / CHECKPOINT
+    state = None
+    if ckpt_path.exists():
+        if not cfg.resume:
+            raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --output")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = state["config"]
+        changed = [k for k in FIXED_ON_RESUME if saved.get(k) != getattr(cfg, k)]
+        if changed:
+            raise UserError(f"cannot resume {out} with different {', '.join(changed)}; use the saved values or a new --output")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG).write_text(json.dumps(asdict(cfg), indent=2))
+
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    model = build_adapter(cfg.model, cfg.model_path, dtype=cfg.model_dtype, gradient_checkpointing=cfg.gradient_checkpointing).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup, cfg.steps))
+    step, epoch, offset = 0, 0, 0
+    if state is not None:
+        missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        if unexpected or set(state["model"]) != {n for n, p in model.named_parameters() if p.requires_grad}:
+            raise UserError(f"{ckpt_path} does not match the model's trainable weights; use a new --output")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, epoch, offset = state["step"], state["epoch"], state["offset"]
+        torch.set_rng_state(state["rng"])
+        _truncate_log(out / LOG, step)
+        echo(f"resumed {out} at step {step}")
+    elif cfg.resume:
+        echo(f"no checkpoint in {out}; starting a new run")
+
+    dataset = ShardDataset(cfg.shards, image_size=getattr(model, "image_size", None), shuffle_shards=True, seed=cfg.seed)
+    stream = BatchStream(dataset, cfg, epoch, offset)
+    batches = iter(stream)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    def save() -> None:
+        _atomic_save(
+            {
+                "model": trainable_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "step": step, "epoch": stream.epoch, "offset": stream.offset, "rng": torch.get_rng_state(), "config": asdict(cfg),
+            },
+            ckpt_path,
+        )
+
+    sums, count, norms, first, last = defaultdict(float), 0, [], None, None
+    started, samples = time.time(), 0
+    model.train()
+    with open(out / LOG, "a") as log:
+        while step < cfg.steps:
+            for _ in range(cfg.grad_accum):
+                batch = next(batches)
+                prompts, answers = texts(batch)
+                margin = batch["margin"] if cfg.margin_from == "lam_hat" else 1.0 - batch["lam"]
+                with autocast:
+                    w_logits, w_labels = model(batch["winner"].to(device), prompts, answers)
+                    with nullcontext() if cfg.two_sided else torch.no_grad():
+                        l_logits, l_labels = model(batch["loser"].to(device), prompts, answers)
+                result = mergemix_loss(
+                    w_logits, w_labels, l_logits, l_labels, margin.to(device),
+                    beta=cfg.beta, sft_weight=cfg.sft_weight, pref_weight=cfg.pref_weight, two_sided=cfg.two_sided,
+                )
+                (result.loss / cfg.grad_accum).backward()
+                for name, value in result.metrics.items():
+                    sums[name] += value
+                count += 1
+                samples += len(answers)
+            if cfg.max_grad_norm > 0:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
+                record = {"step": step, "epoch": stream.epoch, "lr": scheduler.get_last_lr()[0]}
+                record.update({k: v / count for k, v in sums.items()})
+                if norms:
+                    record["grad_norm"] = sum(norms) / len(norms)
+                record["samples_per_s"] = samples / max(time.time() - started, 1e-9)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+                first = first or record
+                last = record
+                sums, count, norms, started, samples = defaultdict(float), 0, [], time.time(), 0
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                save()
+    if state is None or step > state["step"]:
+        save()
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(out / "model")  # a folder the model's own library loads
+    return {"step": step, "first": first, "last": last, "output": str(out)}
