@@ -205,7 +205,8 @@ class LlavaHF(nn.Module):
             raise UserError("the chat template does not render the user turn as a prefix of the conversation; set processor.chat_template")
         return head, full[len(head) :]
 
-    def forward(self, images: torch.Tensor, prompts: list[str], answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, images: torch.Tensor, prompts: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
+        """Model inputs (input_ids, attention_mask, pixel_values; right-padded) and labels."""
         heads, tails = zip(*(self._texts(p, a) for p, a in zip(prompts, answers)))
         enc = self.processor(images=list(images.float().cpu()), text=list(heads), return_tensors="pt", padding=True, do_rescale=False)
         tok = self.processor.tokenizer
@@ -215,13 +216,22 @@ class LlavaHF(nn.Module):
             tail_ids = torch.tensor(tok(tail, add_special_tokens=False)["input_ids"], dtype=head_ids.dtype)
             ids.append(torch.cat([head_ids, tail_ids]))
             labels.append(torch.cat([torch.full_like(head_ids, IGNORE_INDEX), tail_ids]))
-        input_ids = pad_right(ids, self.pad_id)
-        attention = pad_right([torch.ones_like(i) for i in ids], 0)
-        labels = pad_right(labels, IGNORE_INDEX)
+        return {
+            "input_ids": pad_right(ids, self.pad_id),
+            "attention_mask": pad_right([torch.ones_like(i) for i in ids], 0),
+            "pixel_values": enc["pixel_values"],
+            "labels": pad_right(labels, IGNORE_INDEX),
+        }
+
+    def forward(self, images: torch.Tensor, prompts: list[str], answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.encode(images, prompts, answers)
         device = next(self.model.parameters()).device
-        pixels = enc["pixel_values"].to(device, self.vision_tower().dtype)
-        out = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device), pixel_values=pixels)
-        return out.logits, labels.to(device)
+        out = self.model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            pixel_values=batch["pixel_values"].to(device, self.vision_tower().dtype),
+        )
+        return out.logits, batch["labels"].to(device)
 
     def save_pretrained(self, folder: str | Path) -> None:
         self.model.save_pretrained(folder)
