@@ -30,6 +30,9 @@ def user_errors(fn):
         except UserError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: committed shards are kept; run the same command again to resume", err=True)
+            raise typer.Exit(code=130) from None
 
     return wrapper
 

@@ -8,6 +8,7 @@ of units in flight; pixels move between tasks and actors through Ray's object st
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -70,8 +71,6 @@ def check_output(out: Path, cfg: GenerateConfig) -> None:
     fingerprint = cfg.fingerprint()
     previous = {s.get("fingerprint") for s in committed_units(out).values()}
     if run_file.is_file():
-        import json
-
         try:
             previous.add(json.loads(run_file.read_text()).get("fingerprint"))
         except ValueError:
@@ -213,7 +212,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
             load[a] -= 1
             try:
                 stats = ray.get(ready[0])
-            except (ray.exceptions.RayError, Exception) as exc:
+            except Exception as exc:  # RayTaskError / actor death after Ray's own retries
                 attempts[unit.unit_id] = attempts.get(unit.unit_id, 0) + 1
                 if attempts[unit.unit_id] <= UNIT_RETRIES:
                     todo.append(unit)
