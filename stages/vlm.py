@@ -197,6 +197,7 @@ class LlavaHF(nn.Module):
         return cls(model, processor, freeze_vision=freeze_vision)
 
     def _texts(self, prompt: str, answer: str) -> tuple[str, str]:
+        prompt = prompt.replace(self.processor.image_token, "").strip()  # the template places the one image
         user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         assistant = [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
         head = self.processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
