@@ -124,7 +124,7 @@ class BatchStream:
                 self.offset = index + 1
                 yield batch
             if seen == 0:
-                raise UserError(f"no samples in {self.cfg.shards}; check the path, or generate shards first")
+                raise UserError(f"no ok samples in {self.cfg.shards}; `mergemix-pipeline inspect` it to see why (e.g. all inputs failed)")
             self.epoch, self.offset = self.epoch + 1, 0
 
 
