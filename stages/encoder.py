@@ -193,7 +193,7 @@ class MergingEncoder(nn.Module):
         pixels = torch.as_tensor(pixels)
         if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
             raise ValueError(f"expected uint8 pixels (B, H, W, 3), got {pixels.dtype} {tuple(pixels.shape)}")
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and pixels.device.type == "cpu":
             pixels = pixels.pin_memory()
         x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         return self.saliency((x - self.mean) / self.std)
