@@ -173,7 +173,7 @@ def test_bad_settings_are_user_errors(shards, tmp_path):
 
 def test_cli_train_and_resume(shards, tmp_path):
     run = tmp_path / "cli-run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "pipeline.cli", "train", str(shards), "--model", "toy", "--batch-size", "8", "--grad-accum", "2",
             "--lr", "1e-3", "--warmup", "2", "--log-every", "2", "--output", str(run)]
     first = subprocess.run(base + ["--steps", "4"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
