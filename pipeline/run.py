@@ -163,11 +163,21 @@ def connect(address: str | None) -> None:
 # --- the run ---------------------------------------------------------------------------------
 
 
+def default_image_root(input_path: str, kind: str) -> str | None:
+    """Without --image-root: an image folder is its own root, and a JSON/JSONL/Parquet file's
+    relative image paths resolve next to it (as LLaVA's data layout has them)."""
+    if kind == "folder":
+        return input_path
+    if kind in ("llava", "jsonl", "parquet"):
+        return str(Path(input_path).resolve().parent)
+    return None
+
+
 def generate(cfg: GenerateConfig) -> RunResult:
     t0 = time.perf_counter()
     out = Path(cfg.output)
     kind = detect_kind(cfg.input)
-    image_root = cfg.image_root or (cfg.input if kind == "folder" else None)
+    image_root = cfg.image_root or default_image_root(cfg.input, kind)
     image_size, _ = model_geometry(cfg.model)
     resolve_pretrained(cfg.model, cfg.pretrained)  # fail here, in one line, before any worker starts
     records = read_records(cfg.input, folder_labels=cfg.folder_labels)
