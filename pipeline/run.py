@@ -157,7 +157,8 @@ def connect(address: str | None) -> None:
     elif os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)  # inside `ray job submit`, or a user-chosen cluster
     else:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+        # address="local": start our own Ray even if `ray start` left a cluster address in /tmp/ray.
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
 
 
 # --- the run ---------------------------------------------------------------------------------

@@ -10,15 +10,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from schemas.shard import empty_row, sample_key
-from stages.encoder import MergingEncoder
-from stages.mix import NEEDS_SALIENCY, lam_hats, make_losers, parse_lam_spec, sample_lams, derangement
 from stages.preprocess import load_pixels
-from stages.read import InputError, InputRecord, load_image_bytes, read_tar_text, tar_handle
+from stages.read import InputError, InputRecord, clean_text, load_image_bytes, read_tar_text, tar_handle
+
+# torch and the mixing stage are imported inside PairMaker only: the CPU tasks that prepare
+# units and unpickle PreparedUnit/UnitPairs then never load torch (seconds of CPU and a few
+# hundred MB per Ray worker process; see bench/README.md).
+if TYPE_CHECKING:
+    import torch
+
+    from stages.encoder import MergingEncoder
 
 
 @dataclass
@@ -51,12 +57,13 @@ def prepare_unit(unit_id: int, first_index: int, records: list[InputRecord], ima
     rows, pixels, handles = [], [], {}
     try:
         for i, rec in enumerate(records):
-            row = empty_row(key=sample_key(unit_id, i), source_id=rec.source_id, unit=unit_id, index=i,
+            row = empty_row(key=sample_key(unit_id, i), source_id=clean_text(rec.source_id), unit=unit_id, index=i,
                             input_index=first_index + i, resize_mode=resize)
             try:
                 if rec.extra.get("tar"):
                     read_tar_text(rec, tar_handle(handles, rec.extra["tar"]))
-                row.update(prompt=rec.prompt, answer=rec.answer, conversations=rec.conversations, label=rec.label)
+                row.update(prompt=clean_text(rec.prompt), answer=clean_text(rec.answer),
+                           conversations=clean_text(rec.conversations), label=clean_text(rec.label))
                 if rec.error:
                     raise InputError(*rec.error.split(": ", 1))
                 if rec.image is None:
@@ -66,9 +73,9 @@ def prepare_unit(unit_id: int, first_index: int, records: list[InputRecord], ima
                     pixels.append(array)
                     row.update(status="ok", orig_size=list(orig))
             except InputError as exc:
-                row.update(status="failed", error=str(exc))
+                row.update(status="failed", error=clean_text(str(exc)))
             except Exception as exc:  # an unforeseen reader error costs this row, not the unit
-                row.update(status="failed", error=f"read_error: {type(exc).__name__}: {str(exc)[:200]}")
+                row.update(status="failed", error=clean_text(f"read_error: {type(exc).__name__}: {str(exc)[:200]}"))
             rows.append(row)
     finally:
         for handle in handles.values():
@@ -83,6 +90,8 @@ class PairMaker:
 
     def __init__(self, encoder: MergingEncoder, *, method: str, lam: str, lam_mode: str, seed: int,
                  batch_size: int, describe: dict):
+        from stages.mix import parse_lam_spec
+
         self.encoder = encoder
         self.method = method
         self.lam_spec = parse_lam_spec(lam)
@@ -91,17 +100,28 @@ class PairMaker:
         self.batch_size = batch_size
         self.describe = describe  # model/pretrained and config fields stamped on every ok row
 
-    def saliency(self, pixels: np.ndarray):
+    def saliency(self, pixels: torch.Tensor):
+        import torch
+
         grids, tokens, sources = [], [], []
         for start in range(0, len(pixels), self.batch_size):
-            sal = self.encoder.saliency_from_pixels(torch.from_numpy(pixels[start : start + self.batch_size]))
+            sal = self.encoder.saliency_from_pixels(pixels[start : start + self.batch_size])
             grids.append(sal.grid)
             tokens.append(sal.token_scores)
             sources.append(sal.source)
         return torch.cat(grids), torch.cat(tokens), torch.cat(sources)
 
-    @torch.no_grad()
     def make(self, unit: PreparedUnit) -> UnitPairs:
+        import torch
+
+        with torch.no_grad():
+            return self._make(unit)
+
+    def _make(self, unit: PreparedUnit) -> UnitPairs:
+        import torch
+
+        from stages.mix import NEEDS_SALIENCY, derangement, lam_hats, make_losers, sample_lams
+
         start = time.perf_counter()
         ok = unit.ok_rows
         if len(ok) == 1:  # nothing to mix with: record it instead of pairing an image with itself
@@ -118,7 +138,7 @@ class PairMaker:
         pixels = torch.from_numpy(unit.pixels).to(enc.device)
         grid = tokens = source = None
         if self.method in NEEDS_SALIENCY:
-            grid, tokens, source = self.saliency(unit.pixels)
+            grid, tokens, source = self.saliency(pixels)  # the unit is on the device once, for both steps
         result = make_losers(
             self.method, pixels, torch.from_numpy(partner).to(enc.device), torch.from_numpy(lam).to(enc.device),
             grid=enc.grid, patch=enc.patch, keys=keys, seed=self.seed,

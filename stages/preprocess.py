@@ -41,6 +41,9 @@ def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS, fill=CLIP_MEAN_RGB) ->
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError("too_large", str(exc).split(".")[0]) from None
     except UnidentifiedImageError:
+        known = _format_from_magic(data)
+        if known:  # the right signature, but a header Pillow cannot parse: cut or damaged
+            raise InputError("corrupt_image", f"{known} header is truncated or damaged") from None
         raise InputError("not_an_image", "bytes are not a known image format") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InputError("corrupt_image", str(exc)[:200] or type(exc).__name__) from None
@@ -49,6 +52,18 @@ def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS, fill=CLIP_MEAN_RGB) ->
     except Exception:  # a broken EXIF block should not cost the image; keep it as stored
         pass
     return to_rgb(img, fill)
+
+
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"II*\x00", "TIFF"),
+          (b"MM\x00*", "TIFF"))
+
+
+def _format_from_magic(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:2] == b"BM" and data[6:10] == b"\x00" * 4:  # "BM", size, then 4 reserved zero bytes
+        return "BMP"
+    return next((name for magic, name in _MAGIC if data.startswith(magic)), None)
 
 
 def to_rgb(img: Image.Image, fill=CLIP_MEAN_RGB) -> Image.Image:

@@ -276,6 +276,15 @@ class InputError(Exception):
         self.reason = reason
 
 
+def clean_text(value: str | None) -> str | None:
+    """Text that can be stored as UTF-8: JSON escapes such as "\\ud800" decode to lone
+    surrogates, which Arrow and JSON encoders refuse; they become U+FFFD instead of costing
+    the whole unit."""
+    if value is None:
+        return None
+    return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def resolve_inside(root: Path, relative: str) -> Path:
     """The real path of `relative` under `root`; refuses anything that would leave root."""
     if os.path.isabs(relative) or relative.startswith("~"):
