@@ -23,19 +23,14 @@ from pipeline.config import GenerateConfig
 from schemas.shard import SCHEMA_VERSION
 from stages.encoder import load_encoder, model_geometry, resolve_pretrained
 from stages.errors import UserError
-from stages.pairs import PairMaker, PreparedUnit, UnitPairs, prepare_unit
+from pipeline import tasks
+from pipeline.tasks import Unit
+from stages.pairs import PairMaker, PreparedUnit, UnitPairs
 from stages.read import InputRecord, detect_kind, read_records
-from stages.writer import PairImages, clean_uncommitted, committed_units, package_versions, write_run_files, write_unit
+from stages.writer import clean_uncommitted, committed_units, package_versions, write_run_files
 
 UNITS_IN_FLIGHT_PER_ACTOR = 2  # one being encoded, one being prepared behind it
 UNIT_RETRIES = 2  # a unit that raises is retried this many times, then recorded as failed
-
-
-@dataclass
-class Unit:
-    unit_id: int
-    start: int
-    records: list[InputRecord]
 
 
 @dataclass
@@ -134,17 +129,9 @@ class UnitWorker:
         return self.maker.make(unit)
 
 
-@ray.remote
-def _prepare(unit: Unit, image_size, resize: str, image_root: str | None) -> PreparedUnit:
-    return prepare_unit(unit.unit_id, unit.start, unit.records, image_size, resize, image_root)
-
-
-@ray.remote
-def _write(pairs: UnitPairs, out_dir: str, image_format: str, jpeg_quality: int, fingerprint: str) -> dict:
-    ok = [r for r in pairs.rows if r["status"] == "ok"]
-    images = {r["key"]: PairImages(pairs.winners[i], pairs.losers[i], pairs.masks[i]) for i, r in enumerate(ok)}
-    return write_unit(Path(out_dir), pairs.unit_id, pairs.rows, images, image_format=image_format,
-                      jpeg_quality=jpeg_quality, fingerprint=fingerprint, extra_stats={"timings": pairs.timings})
+# Defined in pipeline.tasks, which imports no torch, so task workers stay light.
+_prepare = ray.remote(tasks.prepare)
+_write = ray.remote(tasks.write)
 
 
 def connect(address: str | None) -> None:

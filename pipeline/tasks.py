@@ -1,0 +1,34 @@
+"""The CPU tasks of `generate` (prepare a unit, write a unit) and the unit they work on.
+
+They live apart from pipeline.run, which imports the encoder, so that a Ray worker that
+runs them (or unpickles their arguments) never imports torch: on a 2-core machine the
+torch import of short-lived task workers took about half of the workers' CPU time, and
+each such worker held a few hundred MB more (see bench/README.md). Keep this module, and
+what it imports, free of torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.pairs import PreparedUnit, UnitPairs, prepare_unit
+from stages.read import InputRecord
+from stages.writer import PairImages, write_unit
+
+
+@dataclass
+class Unit:
+    unit_id: int
+    start: int
+    records: list[InputRecord]
+
+
+def prepare(unit: Unit, image_size, resize: str, image_root: str | None) -> PreparedUnit:
+    return prepare_unit(unit.unit_id, unit.start, unit.records, image_size, resize, image_root)
+
+
+def write(pairs: UnitPairs, out_dir: str, image_format: str, jpeg_quality: int, fingerprint: str) -> dict:
+    ok = [r for r in pairs.rows if r["status"] == "ok"]
+    images = {r["key"]: PairImages(pairs.winners[i], pairs.losers[i], pairs.masks[i]) for i, r in enumerate(ok)}
+    return write_unit(Path(out_dir), pairs.unit_id, pairs.rows, images, image_format=image_format,
+                      jpeg_quality=jpeg_quality, fingerprint=fingerprint, extra_stats={"timings": pairs.timings})
