@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: input data, tiny towers, steady-state throughput of a
+"""Shared pieces of the benchmarks (no bench script may be named like a package of ours:
+Ray workers put the script's folder first on sys.path, so bench/pipeline.py would shadow `pipeline`): input data, tiny towers, steady-state throughput of a
 `generate` run, machine description, table printing and the JSON results.
 
 Steady state: a unit is committed when its `_stats.json` is renamed into place, so the

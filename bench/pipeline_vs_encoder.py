@@ -7,8 +7,8 @@ Pipeline: `generate` on local Ray with the same model, steady-state pairs/s
 this is the pipeline's way to use the whole machine for the model) and with the default
 sizing. Rounds alternate the three measurements; best of each.
 
-    python bench/pipeline.py                              # ViT-B-16 @224, R=98, random weights
-    python bench/pipeline.py --model ViT-L-14-336 --merge 288 --pairs 4096 --batch 128   # on a GPU node
+    python bench/pipeline_vs_encoder.py                              # ViT-B-16 @224, R=98, random weights
+    python bench/pipeline_vs_encoder.py --model ViT-L-14-336 --merge 288 --pairs 4096 --batch 128   # on a GPU node
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def main() -> None:
     print_table(f"Pipeline vs encoder only: {args.model} R={args.merge} batch {args.batch}, {args.device}, {cores} cores",
                 ["measure", "rate", "actors", "ratio to encoder (goal >= 0.85)"], rows)
     main_variant = "per_core" if "per_core" in best else "default"
-    save("pipeline", {"args": vars(args), "cores": cores, "encoder_threads": threads, "encoder_runs": enc_runs,
+    save("pipeline_vs_encoder", {"args": vars(args), "cores": cores, "encoder_threads": threads, "encoder_runs": enc_runs,
                       "pipeline_runs": runs, "encoder_images_per_s": encoder,
                       "pipeline_pairs_per_s": {k: v["steady_per_s"] for k, v in best.items()},
                       "ratio": best[main_variant]["steady_per_s"] / encoder, "ratio_variant": main_variant,
