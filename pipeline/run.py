@@ -8,6 +8,7 @@ of units in flight; pixels move between tasks and actors through Ray's object st
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -126,7 +127,36 @@ class UnitWorker:
                                batch_size=c.batch_size, describe=describe)
 
     def make(self, unit: PreparedUnit) -> UnitPairs:
+        _injected_fault(unit.unit_id)
         return self.maker.make(unit)
+
+
+# TEST-ONLY fault injection for tests/test_faults.py; inert unless the variable is set.
+# MERGEMIX_TEST_FAULTS names a directory; for unit N a file there named "raise-N" makes every
+# attempt raise, "kill-N" makes the actor SIGKILL itself once (the file is claimed by rename),
+# "hold-N" parks the attempt while the file exists. Each attempt appends "N pid" to attempts.log.
+FAULTS_ENV = "MERGEMIX_TEST_FAULTS"
+
+
+def _injected_fault(unit_id: int) -> None:
+    faults = os.environ.get(FAULTS_ENV)
+    if not faults:
+        return
+    import signal
+
+    folder = Path(faults)
+    with open(folder / "attempts.log", "a") as log:
+        log.write(f"{unit_id} {os.getpid()}\n")
+    deadline = time.monotonic() + 120
+    while (folder / f"hold-{unit_id}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if (folder / f"raise-{unit_id}").exists():
+        raise RuntimeError(f"injected fault in unit {unit_id}")
+    try:
+        os.rename(folder / f"kill-{unit_id}", folder / f"killed-{unit_id}")
+    except FileNotFoundError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # Defined in pipeline.tasks, which imports no torch, so task workers stay light.
@@ -172,7 +202,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
     if not records:
         raise UserError(f"{cfg.input} holds no samples")
     check_output(out, cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
     clean_uncommitted(out)
     fingerprint = cfg.fingerprint()
     units = plan_units(records, cfg.samples_per_shard)
@@ -192,6 +222,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
 
     counts = {"ok": 0, "failed": 0, "skipped": 0}
     attempts: dict[int, int] = {}
+    storage_error = None  # disk full / read-only OUT: retrying cannot help, so the run stops
     in_flight: dict = {}  # write ref -> (unit, actor index)
     load = [0] * len(actors)
     samples_todo = sum(len(u.records) for u in todo)
@@ -211,6 +242,11 @@ def generate(cfg: GenerateConfig) -> RunResult:
             try:
                 stats = ray.get(ready[0])
             except Exception as exc:  # RayTaskError / actor death after Ray's own retries
+                if _storage_error(exc) and not storage_error:
+                    storage_error = f"unit {unit.unit_id}: {_one_line(exc)}"
+                    todo.clear()  # stop feeding; the loop drains units already in flight
+                if storage_error:
+                    continue
                 attempts[unit.unit_id] = attempts.get(unit.unit_id, 0) + 1
                 if attempts[unit.unit_id] <= UNIT_RETRIES:
                     todo.append(unit)
@@ -227,9 +263,12 @@ def generate(cfg: GenerateConfig) -> RunResult:
         bar.close()
         for actor in actors:
             ray.kill(actor)
+    if storage_error:
+        raise UserError(f"cannot write to {out} ({storage_error}); committed units are kept: "
+                        "free space or fix permissions, then rerun the same command to resume")
     result.counts = counts
     result.seconds = time.perf_counter() - t0
-    write_run_files(out, {
+    _run_files(out, {
         "fingerprint": fingerprint,
         "config": cfg.to_dict(),
         "output_config": cfg.output_keys(),
@@ -243,6 +282,34 @@ def generate(cfg: GenerateConfig) -> RunResult:
                      "seconds": round(result.seconds, 3), "counts": counts, "sizing": vars(sizing)},
     })
     return result
+
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _storage_error(exc: BaseException) -> bool:
+    cause = getattr(exc, "cause", None) or exc
+    return isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS
+
+
+def _check_writable(out: Path) -> None:
+    """Create OUT/shards and prove a file can be written there, before any worker starts."""
+    try:
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        probe = out / "shards" / f".write-probe-{os.getpid()}.tmp"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to --output {out}: {exc.strerror or exc} ({exc.filename or out}); "
+                        "choose a writable directory") from None
+
+
+def _run_files(out: Path, info: dict) -> None:
+    try:
+        write_run_files(out, info)
+    except OSError as exc:
+        raise UserError(f"all units done, but {out}/run.json could not be written: {exc.strerror or exc}; "
+                        "free space, then rerun the same command to write it") from None
 
 
 def _one_line(exc: BaseException) -> str:

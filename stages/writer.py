@@ -139,12 +139,16 @@ def _tmp_name(final: Path) -> Path:
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp = _tmp_name(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, allow_nan=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, say: leave no temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -276,7 +280,14 @@ def write_unit(
     stats["timings"].update(extra.pop("timings", {}) or {})
     stats.update(extra)
     stats["timings"]["write_s"] = round(time.perf_counter() - t0, 6)
-    _write_json_atomic(sdir / f"{name}{STATS_SUFFIX}", stats)  # the commit
+    stats_path = sdir / f"{name}{STATS_SUFFIX}"
+    try:
+        _write_json_atomic(stats_path, stats)  # the commit
+    except BaseException:
+        if not stats_path.exists():  # not committed: take back the renamed tar and parquet too
+            tar_path.unlink(missing_ok=True)
+            pq_path.unlink(missing_ok=True)
+        raise
     return stats
 
 
