@@ -30,7 +30,7 @@ from stages.pairs import PairMaker, PreparedUnit, UnitPairs
 from stages.read import InputRecord, detect_kind, read_records
 from stages.writer import clean_uncommitted, committed_units, package_versions, write_run_files
 
-UNITS_IN_FLIGHT_PER_ACTOR = 2  # one being encoded, one being prepared behind it
+UNITS_IN_FLIGHT_PER_ACTOR = 2  # at least: one being encoded, one being prepared behind it
 UNIT_RETRIES = 2  # a unit that raises is retried this many times, then recorded as failed
 
 
@@ -225,11 +225,15 @@ def generate(cfg: GenerateConfig) -> RunResult:
     storage_error = None  # disk full / read-only OUT: retrying cannot help, so the run stops
     in_flight: dict = {}  # write ref -> (unit, actor index)
     load = [0] * len(actors)
+    # Enough units in flight for prepare/write tasks on every CPU: a GPU actor encodes a unit
+    # much faster than one CPU task prepares or writes it, so 2 per actor would idle most cores.
+    task_slots = int(float(ray.cluster_resources().get("CPU", 1)) / sizing.task_cpus)
+    per_actor = max(UNITS_IN_FLIGHT_PER_ACTOR, -(-task_slots // len(actors)))
     samples_todo = sum(len(u.records) for u in todo)
     bar = tqdm(total=samples_todo, unit="pair", disable=not cfg.progress, dynamic_ncols=True, desc="generate")
     try:
         while todo or in_flight:
-            while todo and min(load) < UNITS_IN_FLIGHT_PER_ACTOR:
+            while todo and min(load) < per_actor:
                 a = load.index(min(load))
                 unit = todo.popleft()
                 prepared = prepare.remote(unit, image_size, cfg.resize, image_root)
