@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -69,7 +70,11 @@ def test_ray_job_submit_to_a_token_auth_head(tiny_model_config, demo, tmp_path):
         out = tmp_path / "job-out"
         submit = [RAY, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(REPO), "--",
                   sys.executable, "-m", "pipeline.cli", "generate", "--no-progress", *generate_args(tiny_model_config, demo, out)]
-        job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+        for _ in range(20):  # the head's job agent comes up a few seconds after `ray start` returns
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(3)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in (job.stdout + job.stderr).lower()
         assert validate_output(out) == []
