@@ -162,9 +162,8 @@ class MergingEncoder(nn.Module):
         return MergeState(x, state.size, state.source)
 
     def _autocast(self):
-        dtype = self.autocast_dtype
-        enabled = dtype is not None and self.device.type == "cuda"
-        return torch.autocast(device_type=self.device.type, dtype=dtype or torch.bfloat16, enabled=enabled)
+        dtype = self.autocast_dtype  # set by load_encoder on CUDA; tests set it on CPU to run the same path
+        return torch.autocast(device_type=self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
     @torch.no_grad()
     def saliency(self, images: torch.Tensor) -> Saliency:

@@ -81,7 +81,8 @@ class MergeState:
     @classmethod
     def start(cls, x: torch.Tensor) -> "MergeState":
         batch, num_tokens, _ = x.shape
-        size = torch.ones(batch, num_tokens, 1, device=x.device, dtype=x.dtype)
+        # fp32 even under autocast: bf16 stops counting exactly past 256 patches per token.
+        size = torch.ones(batch, num_tokens, 1, device=x.device, dtype=torch.float32)
         source = torch.arange(1, num_tokens, device=x.device).expand(batch, -1).contiguous()
         return cls(x, size, source)
 
@@ -112,9 +113,9 @@ def bipartite_merge(state: MergeState, metric: torch.Tensor, r: int) -> MergeSta
     src_w = src.unsqueeze(-1).expand(-1, -1, width)
     dst_w = dst.unsqueeze(-1).expand(-1, -1, width)
     # Size-weighted mean: B tokens accumulate (x * size) of the A tokens merged into them.
-    weighted = (x_b * s_b).scatter_add(1, dst_w, (x_a * s_a).gather(1, src_w))
+    weighted = (x_b.float() * s_b).scatter_add(1, dst_w, (x_a.float() * s_a).gather(1, src_w))
     s_b_new = s_b.scatter_add(1, dst.unsqueeze(-1), s_a.gather(1, src.unsqueeze(-1)))
-    x_b_new = weighted / s_b_new
+    x_b_new = (weighted / s_b_new).to(x.dtype)
     x_new = torch.cat([x_a.gather(1, unm.unsqueeze(-1).expand(-1, -1, width)), x_b_new], dim=1)
     size_new = torch.cat([s_a.gather(1, unm.unsqueeze(-1)), s_b_new], dim=1)
 

@@ -168,6 +168,24 @@ def test_user_mistakes_are_clear(tiny_model_config, tmp_path):
         enc.saliency_from_pixels(torch.zeros(1, 64, 64, 3))
 
 
+def test_bf16_autocast_path_keeps_merge_invariants(tiny_model_config):
+    """The mixed-precision path (CPU autocast here, CUDA in production): sizes stay exact
+    counts, every patch keeps one token, and saliency stays close to fp32."""
+    enc = load_encoder(str(tiny_model_config), "none", merge=40, attn_layer=-1, prop_attn=True)
+    pixels = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    ref = enc.saliency_from_pixels(pixels)
+    enc.autocast_dtype = torch.bfloat16
+    low = enc.saliency_from_pixels(pixels)
+    assert low.grid.dtype == torch.float32 and low.tokens_per_layer == ref.tokens_per_layer
+    counts = torch.stack([torch.bincount(s, minlength=24) for s in low.source])
+    assert (counts >= 1).all() and (counts.sum(1) == 64).all()
+    # Merge choices may flip between bf16 and fp32; without merging the maps must agree closely.
+    enc = load_encoder(str(tiny_model_config), "none", merge=0)
+    ref = enc.saliency_from_pixels(pixels).grid
+    enc.autocast_dtype = torch.bfloat16
+    assert (enc.saliency_from_pixels(pixels).grid - ref).abs().max() < 0.02
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_cuda_autocast_close_to_fp32(tiny_model_config, precision):
