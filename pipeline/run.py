@@ -212,8 +212,10 @@ def generate(cfg: GenerateConfig) -> RunResult:
 
     connect(cfg.address)
     sizing = size_from_cluster(cfg)
+    # Actors restart without limit: preemptible nodes take them down again and again over a long
+    # run. A unit that kills its actor every time still ends, after max_task_retries x UNIT_RETRIES.
     actors = [
-        UnitWorker.options(num_cpus=sizing.actor_cpus, num_gpus=sizing.actor_gpus, max_restarts=3, max_task_retries=3)
+        UnitWorker.options(num_cpus=sizing.actor_cpus, num_gpus=sizing.actor_gpus, max_restarts=-1, max_task_retries=3)
         .remote(cfg.to_dict(), sizing.device, sizing.threads)
         for _ in range(min(sizing.actors, max(1, len(todo))))
     ]
