@@ -6,9 +6,10 @@ does), and append both to a tar. Nothing else: no hashes, mask, Parquet, fsync o
 
 Pipeline: `generate` on local Ray with a tiny random tower at the same geometry, default
 sizing, steady-state pairs/s (bench/common.py) divided by the machine's cores.
-Rounds alternate floor and pipeline so drift in machine load hits both alike; best of each.
+Each round measures the floor before and after the pipeline, so drift in machine load hits
+both alike; best of each.
 
-    python bench/codec.py                       # 224 px, 3000 pairs per pipeline round
+    python bench/codec.py                       # 224 px, 4000 pairs per pipeline round
     python bench/codec.py --image-size 336 --pairs 2000
 """
 from __future__ import annotations
@@ -54,9 +55,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--patch", type=int, default=32)
-    ap.add_argument("--pairs", type=int, default=3000, help="samples per pipeline round")
+    ap.add_argument("--pairs", type=int, default=4000, help="samples per pipeline round")
     ap.add_argument("--floor-pairs", type=int, default=600, help="pairs per floor round")
-    ap.add_argument("--samples-per-shard", type=int, default=200)
+    ap.add_argument("--samples-per-shard", type=int, default=500)
     ap.add_argument("--workers", type=int, default=None, help="encoder actors (default: the pipeline's own sizing)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=None)
@@ -75,6 +76,8 @@ def main() -> None:
         run["per_core"] = run["steady_per_s"] / cores
         runs.append(run)
         print(f"round {r}: pipeline {run['steady_per_s']:.1f} pairs/s steady ({run['wall_s']:.1f} s wall)", flush=True)
+        floors.append(codec_floor(llava, root, args.floor_pairs, args.image_size, args.patch))  # after, too
+        print(f"round {r}: floor {floors[-1]:.1f} pairs/s/core", flush=True)
     floor = max(floors)
     best = max(runs, key=lambda x: x["steady_per_s"])
     ratio = best["per_core"] / floor
