@@ -217,7 +217,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
     actors = [
         UnitWorker.options(num_cpus=sizing.actor_cpus, num_gpus=sizing.actor_gpus, max_restarts=-1, max_task_retries=3)
         .remote(cfg.to_dict(), sizing.device, sizing.threads)
-        for _ in range(min(sizing.actors, max(1, len(todo))))
+        for _ in range(min(sizing.actors, len(todo)))  # none when every unit is already committed
     ]
     prepare = _prepare.options(num_cpus=sizing.task_cpus, max_retries=3)
     write = _write.options(num_cpus=sizing.task_cpus, max_retries=3)
@@ -230,7 +230,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
     # Enough units in flight for prepare/write tasks on every CPU: a GPU actor encodes a unit
     # much faster than one CPU task prepares or writes it, so 2 per actor would idle most cores.
     task_slots = int(float(ray.cluster_resources().get("CPU", 1)) / sizing.task_cpus)
-    per_actor = max(UNITS_IN_FLIGHT_PER_ACTOR, -(-task_slots // len(actors)))
+    per_actor = max(UNITS_IN_FLIGHT_PER_ACTOR, -(-task_slots // max(1, len(actors))))
     samples_todo = sum(len(u.records) for u in todo)
     bar = tqdm(total=samples_todo, unit="pair", disable=not cfg.progress, dynamic_ncols=True, desc="generate")
     try:
