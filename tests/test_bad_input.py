@@ -31,6 +31,7 @@ from stages.shardcheck import validate_output
 from tests.conftest import make_image
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(300)  # every test here runs with the module's Ray up
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -31,6 +31,7 @@ from stages.sample_data import write_sample_data
 from stages.shardcheck import validate_output
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(300)  # every test here runs with the module's Ray up
 UNITS = 5  # 12 images + 1 text-only row, 3 per shard
 
 
