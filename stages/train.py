@@ -169,6 +169,14 @@ def evaluate(model: torch.nn.Module, shards, *, batch_size: int = 16, max_batche
     return {k: v / n for k, v in sums.items()}
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, loaded weights-only: tensors and plain containers, never code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in several types
+        raise UserError(f"{path} is not a loadable training checkpoint ({type(exc).__name__}); use a new --output") from None
+
+
 def load_trained(run_dir, device: str = "cpu") -> torch.nn.Module:
     """The model of a run folder: built as its config says, with the checkpoint's weights."""
     run = Path(run_dir)
@@ -178,7 +186,7 @@ def load_trained(run_dir, device: str = "cpu") -> torch.nn.Module:
     cfg = TrainConfig(**{k: v for k, v in json.loads((run / CONFIG).read_text()).items() if k in known})
     torch.manual_seed(cfg.seed)
     model = build_adapter(cfg.model, cfg.model_path, dtype=cfg.model_dtype)
-    model.load_state_dict(torch.load(run / CHECKPOINT, map_location="cpu", weights_only=False)["model"], strict=False)
+    model.load_state_dict(load_checkpoint(run / CHECKPOINT)["model"], strict=False)
     return model.to(device)
 
 
@@ -191,7 +199,7 @@ def train(cfg: TrainConfig, echo=print) -> dict:
     if ckpt_path.exists():
         if not cfg.resume:
             raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --output")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(ckpt_path)
         saved = state["config"]
         changed = [k for k in FIXED_ON_RESUME if saved.get(k) != getattr(cfg, k)]
         if changed:

@@ -114,7 +114,7 @@ def test_two_node_cluster_equals_one_node(tiny_model_config, demo, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         one = tmp_path / "one"
         generate(GenerateConfig.build(cfg | {"output": str(one), "workers": 1}))

@@ -208,7 +208,7 @@ def test_ray_data_read_webdataset(out_webp):
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:  # a read task needs a whole free CPU; 2 CPUs leave one for the driver side
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         tars = sorted(str(p) for p in (out_webp / "shards").glob("*.tar"))
         got = ray.data.read_webdataset(tars).take_all()

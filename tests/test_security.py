@@ -62,7 +62,6 @@ def _torch_load_calls() -> list[tuple[str, int, str]]:
     return calls
 
 
-@pytest.mark.xfail(strict=True, reason="stages/train.py still loads checkpoints with weights_only=False")
 def test_every_torch_load_uses_weights_only():
     calls = _torch_load_calls()
     assert calls  # the scan finds the calls it is meant to check
@@ -80,7 +79,6 @@ def test_encoder_checkpoint_path_is_not_unpickled(tiny_model_config, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="stages/train.py still loads checkpoints with weights_only=False")
 def test_train_resume_does_not_unpickle_code(tmp_path):
     from stages.train import CHECKPOINT, TrainConfig, train
 
