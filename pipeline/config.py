@@ -108,8 +108,9 @@ class GenerateConfig:
             d.pop("jpeg_quality")
         return d
 
-    def fingerprint(self) -> str:
-        text = json.dumps(self.output_keys(), sort_keys=True, separators=(",", ":"))
+    def fingerprint(self, input_digest: str = "") -> str:
+        """Hash of everything that shapes the output: these keys and the input's records."""
+        text = json.dumps(self.output_keys() | {"input_digest": input_digest}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

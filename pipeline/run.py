@@ -27,7 +27,7 @@ from stages.errors import UserError
 from pipeline import tasks
 from pipeline.tasks import Unit
 from stages.pairs import PairMaker, PreparedUnit, UnitPairs
-from stages.read import InputRecord, detect_kind, read_records
+from stages.read import records_digest, InputRecord, detect_kind, read_records
 from stages.writer import clean_uncommitted, committed_units, package_versions, write_run_files
 
 UNITS_IN_FLIGHT_PER_ACTOR = 2  # at least: one being encoded, one being prepared behind it
@@ -57,14 +57,17 @@ def plan_units(records: list[InputRecord], per_shard: int) -> list[Unit]:
 # --- resume: same config continues, another config is refused -----------------------------
 
 
-def check_output(out: Path, cfg: GenerateConfig) -> None:
+def check_output(out: Path, cfg: GenerateConfig, fingerprint: str) -> None:
     run_file, shards = out / "run.json", out / "shards"
     if cfg.overwrite:
-        for path in (run_file, out / "index.json"):
-            path.unlink(missing_ok=True)
-        shutil.rmtree(shards, ignore_errors=True)
+        try:
+            for path in (run_file, out / "index.json"):
+                path.unlink(missing_ok=True)
+            if shards.exists():
+                shutil.rmtree(shards)
+        except OSError as exc:
+            raise UserError(f"--overwrite could not remove the old output in {out}: {exc.strerror or exc}") from None
         return
-    fingerprint = cfg.fingerprint()
     previous = {s.get("fingerprint") for s in committed_units(out).values()}
     if run_file.is_file():
         try:
@@ -201,10 +204,13 @@ def generate(cfg: GenerateConfig) -> RunResult:
     records = read_records(cfg.input, folder_labels=cfg.folder_labels)
     if not records:
         raise UserError(f"{cfg.input} holds no samples")
-    check_output(out, cfg)
+    # The records (ids, image references, text) are part of the fingerprint: resuming after
+    # the input list changed would mix units of two different inputs.
+    input_digest = records_digest(records)
+    fingerprint = cfg.fingerprint(input_digest)
+    check_output(out, cfg, fingerprint)
     _check_writable(out)
     clean_uncommitted(out)
-    fingerprint = cfg.fingerprint()
     units = plan_units(records, cfg.samples_per_shard)
     done = committed_units(out)
     todo = deque(u for u in units if u.unit_id not in done)
@@ -276,6 +282,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
     result.seconds = time.perf_counter() - t0
     _run_files(out, {
         "fingerprint": fingerprint,
+        "input_digest": input_digest,
         "config": cfg.to_dict(),
         "output_config": cfg.output_keys(),
         "schema_version": SCHEMA_VERSION,

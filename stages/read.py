@@ -15,6 +15,7 @@ leave it are refused per row.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import tarfile
@@ -44,6 +45,17 @@ class InputRecord:
     label: str | None = None
     error: str | None = None  # set when the row itself is malformed
     extra: dict = field(default_factory=dict)  # text members of a tar sample, read by the task
+
+
+def records_digest(records: list[InputRecord]) -> str:
+    """A hash of the listed inputs (ids, where each image is, text): changes when the input
+    list or its text changes. Image bytes are not read for it."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.source_id, r.image, r.prompt, r.answer, r.conversations, r.label, r.error],
+                            ensure_ascii=False, default=str).encode("utf-8", "surrogatepass"))
+        h.update(b"\n")
+    return h.hexdigest()[:16]
 
 
 def detect_kind(path: str) -> str:

@@ -135,6 +135,15 @@ def test_resume_completes_an_interrupted_run_and_refuses_other_configs(tiny_mode
 
     with pytest.raises(UserError, match="different configuration"):
         generate(config(tiny_model_config, demo / "llava.json", out, image_root=str(demo), seed=8))
+    # Same flags, but the input list changed under them: also a different run.
+    copy = tmp_path / "in.json"
+    entries = json.loads((demo / "llava.json").read_text())[:6]
+    copy.write_text(json.dumps(entries))
+    generate(config(tiny_model_config, copy, tmp_path / "copy-out", image_root=str(demo)))
+    entries[3]["conversations"][1]["value"] = "A different answer."
+    copy.write_text(json.dumps(entries))
+    with pytest.raises(UserError, match="different configuration"):
+        generate(config(tiny_model_config, copy, tmp_path / "copy-out", image_root=str(demo)))
     redone = generate(config(tiny_model_config, demo / "llava.json", out, image_root=str(demo), seed=8, overwrite=True))
     assert redone.units_written == 3 and validate_output(out) == []
 
