@@ -135,7 +135,8 @@ def machine() -> dict:
         versions["libjpeg_turbo"] = PIL.features.check_feature("libjpeg_turbo")
     except Exception:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(), "versions": versions}
+    info = {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(), "versions": versions,
+            "load_average_at_end": os.getloadavg()}  # other work on the machine skews absolute figures
     try:
         import torch
 
