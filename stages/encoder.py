@@ -194,8 +194,8 @@ class MergingEncoder(nn.Module):
             raise ValueError(f"expected uint8 pixels (B, H, W, 3), got {pixels.dtype} {tuple(pixels.shape)}")
         if self.device.type == "cuda" and pixels.device.type == "cpu":
             pixels = pixels.pin_memory()
-        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        return self.saliency((x - self.mean) / self.std)
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        return self.saliency(x.div_(255.0).sub_(self.mean).div_(self.std))  # in place: no extra copies
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
