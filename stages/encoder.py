@@ -194,7 +194,7 @@ class MergingEncoder(nn.Module):
             raise ValueError(f"expected uint8 pixels (B, H, W, 3), got {pixels.dtype} {tuple(pixels.shape)}")
         if self.device.type == "cuda" and pixels.device.type == "cpu":
             pixels = pixels.pin_memory()
-        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous().float()
         return self.saliency(x.div_(255.0).sub_(self.mean).div_(self.std))  # in place: no extra copies
 
     @torch.no_grad()
