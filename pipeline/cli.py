@@ -205,7 +205,7 @@ def train_cmd(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --output from its checkpoint"),
 ):
-    """Train a model on the shards with SFT + mixed SimPO (METHOD.md section 5)."""
+    """Train a model on the shards with SFT + mixed SimPO (docs/METHOD.md section 5)."""
     from stages.train import TrainConfig, train
 
     result = train(TrainConfig(

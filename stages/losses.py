@@ -1,4 +1,4 @@
-"""MergeMix training losses (METHOD.md section 5), pure torch, usable from any trainer.
+"""MergeMix training losses (docs/METHOD.md section 5), pure torch, usable from any trainer.
 
 A step scores the same prompt and answer twice: once with the clean image (winner) and once
 with the mixed image (loser). With `s(x)` the mean log-probability of the answer tokens,

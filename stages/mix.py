@@ -160,7 +160,7 @@ def lam_hats(mode: str, lam: np.ndarray, kept: np.ndarray, *, tokens_kept: int, 
              seed: int, keys: Sequence[str]) -> np.ndarray:
     """The recorded ratio lam_hat per sample (the caller's margin is 1 - lam_hat).
 
-    area: kept (fraction of the image from x_i); fixed: lam; paper (METHOD.md section 3):
+    area: kept (fraction of the image from x_i); fixed: lam; paper (docs/METHOD.md section 3):
     z ~ Normal(mean K/L, std p/sum(M)) per sample, with p = floor(lam*L) and sum(M) the kept
     patch count (std 1 when sum(M) == 0), then min-max normalised over the group with
     tau = 1e-5 and clipped to [0, 1]. Paper mode therefore depends on the group.

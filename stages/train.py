@@ -1,4 +1,4 @@
-"""A slim trainer for MergeMix preference shards: SFT + mixed SimPO (METHOD.md section 5).
+"""A slim trainer for MergeMix preference shards: SFT + mixed SimPO (docs/METHOD.md section 5).
 
 One optimizer step = `grad_accum` micro-batches. Each micro-batch runs the model on the clean
 images (with gradient: SFT and the winner side of SimPO) and on the mixed images (without
