@@ -13,11 +13,10 @@ from pathlib import Path
 
 import yaml
 
+from schemas.shard import IMAGE_FORMATS
 from stages.errors import UserError
 from stages.mix import LAM_MODES, METHODS, parse_lam_spec
 from stages.preprocess import RESIZE_MODES
-
-IMAGE_FORMATS = ("jpg", "png", "webp")
 
 # Keys that do not change a single output byte: they may differ between a run and its resume.
 RUN_ONLY_KEYS = frozenset({"output", "workers", "batch_size", "address", "overwrite", "config", "device", "progress"})

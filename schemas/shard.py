@@ -79,8 +79,6 @@ PARQUET_VERSION_KEY = b"mergemix.schema_version"
 
 STATUSES = ("ok", "failed", "skipped")
 IMAGE_FORMATS = ("jpg", "png", "webp")
-# Tar member parts of one sample, besides the two images whose extension follows image_format.
-IMAGE_PARTS = ("winner", "loser")
 KEY_RE = re.compile(r"^[0-9]{6}_[0-9]{6}$")
 
 _PAIR = pa.list_(pa.int32(), 2)
@@ -136,7 +134,6 @@ ARROW_SCHEMA: pa.Schema = pa.schema(
 )
 
 FIELDS: tuple[str, ...] = tuple(ARROW_SCHEMA.names)
-REQUIRED_FIELDS: tuple[str, ...] = tuple(f.name for f in ARROW_SCHEMA if not f.nullable)
 
 
 def sample_key(unit_id: int, index: int) -> str:

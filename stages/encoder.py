@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
 from stages.errors import UserError
@@ -48,10 +49,6 @@ class Saliency:
     source: torch.Tensor
     tokens_per_layer: list[int] = field(default_factory=list)
 
-    @property
-    def flat(self) -> torch.Tensor:
-        return self.grid.flatten(1)
-
 
 class MergingEncoder(nn.Module):
     """open_clip VisionTransformer + token merging + CLS-row saliency at one block."""
@@ -63,8 +60,8 @@ class MergingEncoder(nn.Module):
         attn_layer: int = -2,
         prop_attn: bool = False,
         schedule: str = "constant",
-        mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
-        std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
+        mean: Sequence[float] = OPENAI_DATASET_MEAN,
+        std: Sequence[float] = OPENAI_DATASET_STD,
     ):
         super().__init__()
         _check_supported(visual)
@@ -84,7 +81,6 @@ class MergingEncoder(nn.Module):
             self.schedule = merge_schedule(merge, self.attn_layer, self.num_patches + 1, schedule)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        self.schedule_kind = schedule
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.autocast_dtype: torch.dtype | None = None
@@ -270,7 +266,7 @@ def load_encoder(
     pre = open_clip.get_model_preprocess_cfg(clip)
     visual = clip.visual
     del clip  # the text tower is not needed
-    encoder = MergingEncoder(visual, merge, attn_layer, prop_attn, schedule, pre.get("mean", (0.48145466, 0.4578275, 0.40821073)), pre.get("std", (0.26862954, 0.26130258, 0.27577711)))
+    encoder = MergingEncoder(visual, merge, attn_layer, prop_attn, schedule, pre.get("mean", OPENAI_DATASET_MEAN), pre.get("std", OPENAI_DATASET_STD))
     encoder.to(device)
     if torch.device(device).type == "cuda" and precision != "fp32":
         encoder.autocast_dtype = PRECISIONS[precision]

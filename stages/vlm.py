@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.errors import UserError
+from stages.loader import NORMALIZE
 from stages.losses import IGNORE_INDEX
 
 MODELS = ("toy", "llava-hf")
@@ -55,8 +56,7 @@ TOY_CLIP_CONFIG = {
     "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 16},
     "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
 }
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = NORMALIZE["clip"]
 
 
 class ByteTokenizer:
