@@ -84,6 +84,7 @@ class MergingEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.autocast_dtype: torch.dtype | None = None
+        self._staging_buffer: torch.Tensor | None = None
         for p in self.parameters():
             p.requires_grad_(False)
 
@@ -98,8 +99,26 @@ class MergingEncoder(nn.Module):
     # --- the forward pass, one block at a time ------------------------------------------
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images (B, 3, H, W) -> tokens entering the first block."""
+        return self._tokens(self.visual.conv1(images))
+
+    def _embed_pixels(self, centred: torch.Tensor) -> torch.Tensor:
+        """Pixels minus 128 (B, 3, H, W, any layout) -> the same tokens as `_embed`.
+
+        The CLIP normalisation (x / 255 - mean) / std is affine per channel, so it folds into
+        the patch convolution: weights scaled by 1 / (255 std), plus a constant per output
+        channel. That saves three full passes over the batch in float. Pixels are centred on
+        128 (exact in bf16/fp16 too) so the constant stays small and nothing cancels."""
+        conv = self.visual.conv1
+        weight = conv.weight / (255.0 * self.std)  # std, mean: (1, 3, 1, 1)
+        bias = (conv.weight * ((128.0 / 255.0 - self.mean) / self.std)).sum(dim=(1, 2, 3))
+        if conv.bias is not None:
+            bias = bias + conv.bias
+        return self._tokens(F.conv2d(centred, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
+
+    def _tokens(self, patches: torch.Tensor) -> torch.Tensor:
         v = self.visual
-        x = v.conv1(images).flatten(2).transpose(1, 2)  # (B, L, C)
+        x = patches.flatten(2).transpose(1, 2)  # (B, L, C)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
         return v.ln_pre(x)  # patch dropout is the identity in eval
@@ -166,8 +185,11 @@ class MergingEncoder(nn.Module):
         """Saliency for normalised images (B, 3, H, W); stops at the saliency layer."""
         if images.ndim != 4 or tuple(images.shape[-2:]) != self.image_size:
             raise ValueError(f"expected images of shape (B, 3, {self.image_size[0]}, {self.image_size[1]}), got {tuple(images.shape)}")
+        return self._saliency(images.to(self.device), self._embed)
+
+    def _saliency(self, images: torch.Tensor, embed) -> Saliency:
         with self._autocast():
-            state = MergeState.start(self._embed(images.to(self.device)))
+            state = MergeState.start(embed(images))
             counts = []
             for block, r in zip(self.blocks, self.schedule):
                 counts.append(state.x.shape[1])
@@ -183,15 +205,28 @@ class MergingEncoder(nn.Module):
     def saliency_from_pixels(self, pixels: torch.Tensor | np.ndarray) -> Saliency:
         """Saliency for uint8 pixels (B, H, W, 3) at the encoder geometry.
 
-        uint8 goes to the device (4x less traffic than fp32) and is normalised there.
+        uint8 goes to the device (4x less traffic than fp32); the normalisation is folded into
+        the patch embedding (`_embed_pixels`).
         """
         pixels = torch.as_tensor(pixels)
         if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
             raise ValueError(f"expected uint8 pixels (B, H, W, 3), got {pixels.dtype} {tuple(pixels.shape)}")
+        if tuple(pixels.shape[1:3]) != self.image_size:
+            raise ValueError(f"expected pixels of shape (B, {self.image_size[0]}, {self.image_size[1]}, 3), got {tuple(pixels.shape)}")
         if self.device.type == "cuda" and pixels.device.type == "cpu":
             pixels = pixels.pin_memory()
-        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous().float()
-        return self.saliency(x.div_(255.0).sub_(self.mean).div_(self.std))  # in place: no extra copies
+        pixels = pixels.to(self.device, non_blocking=True)
+        # One pass uint8 -> float into a reused buffer (a fresh CPU buffer costs more in page
+        # faults than the conversion itself); the channels-last view feeds the convolution as is.
+        x = self._staging(pixels.shape).copy_(pixels).sub_(128.0).permute(0, 3, 1, 2)
+        return self._saliency(x, self._embed_pixels)
+
+    def _staging(self, shape: torch.Size) -> torch.Tensor:
+        """A float32 buffer of `shape` on the device, kept between calls and grown as needed."""
+        buf = self._staging_buffer
+        if buf is None or buf.device != self.device or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]:
+            buf = self._staging_buffer = torch.empty(shape, dtype=torch.float32, device=self.device)
+        return buf[: shape[0]]
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

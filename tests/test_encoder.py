@@ -152,6 +152,25 @@ def test_load_from_config_json_and_local_checkpoint(tiny_model_config, tmp_path)
     assert sal.grid.shape == (2, 8, 8) and torch.isfinite(sal.grid).all()
 
 
+def test_pixels_path_equals_normalised_path(tiny_model_config):
+    """saliency_from_pixels folds the CLIP normalisation into the patch embedding and reuses a
+    staging buffer; it must equal saliency() on explicitly normalised images, for any batch
+    size in any order (a smaller batch after a larger one reads only its own slice)."""
+    enc = load_encoder(str(tiny_model_config), "none", merge=0)
+    gen = torch.Generator().manual_seed(3)
+    for n in (5, 2, 7):
+        pixels = torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=gen)
+        normalised = (pixels.permute(0, 3, 1, 2).double() / 255.0 - enc.mean.double()) / enc.std.double()
+        ref = enc.saliency(normalised.float())
+        got = enc.saliency_from_pixels(pixels)
+        torch.testing.assert_close(got.grid, ref.grid, atol=1e-6, rtol=1e-4)
+        ref_embed = enc._embed(normalised.float())
+        got_embed = enc._embed_pixels(pixels.permute(0, 3, 1, 2).float() - 128.0)
+        torch.testing.assert_close(got_embed, ref_embed, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="shape"):
+        enc.saliency_from_pixels(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
+
+
 def test_user_mistakes_are_clear(tiny_model_config, tmp_path):
     with pytest.raises(UserError, match="unknown open_clip model"):
         load_encoder("ViT-Nope", "none")
