@@ -246,7 +246,8 @@ def generate(cfg: GenerateConfig) -> RunResult:
                 unit = todo.popleft()
                 prepared = prepare.remote(unit, image_size, cfg.resize, image_root)
                 pairs = actors[a].make.remote(prepared)
-                in_flight[write.remote(pairs, str(out), cfg.image_format, cfg.jpeg_quality, fingerprint)] = (unit, a)
+                # The writer takes the prepared pixels straight from the object store: the actor returns decisions only.
+                in_flight[write.remote(prepared, pairs, str(out), cfg.image_format, cfg.jpeg_quality, fingerprint)] = (unit, a)
                 load[a] += 1
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             unit, a = in_flight.pop(ready[0])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from stages.pairs import PreparedUnit, UnitPairs, prepare_unit
 from stages.read import InputRecord
-from stages.writer import PairImages, write_unit
+from stages.writer import write_unit
 
 
 @dataclass
@@ -27,8 +27,9 @@ def prepare(unit: Unit, image_size, resize: str, image_root: str | None) -> Prep
     return prepare_unit(unit.unit_id, unit.start, unit.records, image_size, resize, image_root)
 
 
-def write(pairs: UnitPairs, out_dir: str, image_format: str, jpeg_quality: int, fingerprint: str) -> dict:
-    ok = [r for r in pairs.rows if r["status"] == "ok"]
-    images = {r["key"]: PairImages(pairs.winners[i], pairs.losers[i], pairs.masks[i]) for i, r in enumerate(ok)}
-    return write_unit(Path(out_dir), pairs.unit_id, pairs.rows, images, image_format=image_format,
+def write(unit: PreparedUnit, pairs: UnitPairs, out_dir: str, image_format: str, jpeg_quality: int,
+          fingerprint: str) -> dict:
+    """Write one unit. `unit` is the prepared unit the actor saw (its pixels are the winners,
+    read from Ray's object store without a copy); `pairs` is what the actor decided."""
+    return write_unit(Path(out_dir), pairs.unit_id, pairs.rows, pairs.images(unit.pixels), image_format=image_format,
                       jpeg_quality=jpeg_quality, fingerprint=fingerprint, extra_stats={"timings": pairs.timings})

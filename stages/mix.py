@@ -41,6 +41,9 @@ METHODS = ("mergemix", "mergemix-official", "mergemix-r", "topk", "random", "mix
 LAM_MODES = ("area", "paper", "fixed")
 # Methods whose mask needs the encoder output (saliency, token scores or the source map).
 NEEDS_SALIENCY = frozenset({"mergemix", "mergemix-official", "mergemix-r", "topk", "blur"})
+# Methods whose loser is x_i on the mask's patches and the partner x_j elsewhere: mask and
+# partner index determine it exactly (the rest blend, blur or resample pixels).
+PATCH_SELECT = frozenset(METHODS) - {"mixup", "resizemix", "blur"}
 
 RESIZEMIX_SCOPE = (0.1, 0.8)  # box area fraction for resizemix, as in the ResizeMix paper
 PAPER_TAU = 1e-5  # min-max normalisation guard for lam_hat mode "paper"
@@ -320,7 +323,7 @@ def gaussian_blur(pixels: Tensor, sigma: float) -> Tensor:
 class MixResult:
     """Loser images, grid masks and the exact fraction of each image taken from x_i."""
 
-    loser: Tensor  # uint8 (B, H, W, 3)
+    loser: Tensor | None  # uint8 (B, H, W, 3); None from make_losers(compose=False) for PATCH_SELECT methods
     mask: Tensor  # uint8 (B, gh, gw): 255 = from x_i, 0 = from partner (mixup: round(lam*255) everywhere)
     kept: Tensor  # float64 (B,): fraction of the image from x_i (exact area; lam for mixup)
 
@@ -343,7 +346,7 @@ def _box(rng: np.random.Generator, gh: int, gw: int, area: float, min_side: int 
 def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tuple[int, int],
                 patch: tuple[int, int], keys: Sequence[str], seed: int, saliency: Tensor | None = None,
                 token_scores: Tensor | None = None, source: Tensor | None = None,
-                blur_sigma: float | None = None) -> MixResult:
+                blur_sigma: float | None = None, compose: bool = True) -> MixResult:
     """Build the loser image of every sample with `method`; x_j = pixels[partner].
 
     mergemix / topk: top floor(lam*L) of `saliency` (topk passes an un-merged encoder's
@@ -355,6 +358,10 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
     antialiased) into a grid-aligned box of area fraction tau ~ U(0.1, 0.8); lam is ignored.
     blur: salient top floor(lam*L) patches kept, the rest replaced by a Gaussian blur of x_i
     itself (sigma defaults to half the larger patch side); no partner pixels are used.
+
+    compose=False: for PATCH_SELECT methods return the masks only (loser None). Their loser is
+    x_i on the mask and x_j elsewhere, which whoever holds the pixels composes exactly
+    (stages.pairs.compose_loser): `generate`'s encoder actor ships masks, not images.
     """
     if method not in METHODS:
         raise MixArgumentError(f"unknown mixing method {method!r}: use one of {', '.join(METHODS)}")
@@ -372,7 +379,7 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
         raise ValueError(f"partner must be an integer tensor of shape ({b},)")
     if bool((partner < 0).any()) or bool((partner >= b).any()):
         raise ValueError(f"partner indices must be in [0, {b})")
-    x_j = pixels[partner.long()]
+    partner = partner.long()
     n_patches = gh * gw
 
     def need(t: Tensor | None, name: str) -> Tensor:
@@ -386,6 +393,7 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
         return t
 
     if method == "mixup":
+        x_j = pixels[partner]
         blend = lam[:, None, None, None] * pixels.double() + (1.0 - lam)[:, None, None, None] * x_j.double()
         level = _to_uint8(lam * 255.0).view(b, 1, 1).expand(b, gh, gw).contiguous()
         return MixResult(_to_uint8(blend), level, lam.clone())
@@ -414,7 +422,7 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
         mask = torch.ones(b, n_patches, dtype=torch.bool, device=pixels.device)
         grid_mask = mask.view(b, gh, gw)
         if method == "resizemix":
-            extra = x_j.clone()
+            extra = pixels[partner]  # a gather: a new tensor, the boxes are pasted into it
         lam_cpu = lam.cpu().numpy()
         for i, key in enumerate(keys):
             rng = sample_rng(seed, key, method)
@@ -425,11 +433,13 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
                 top, left, bh, bw = _box(rng, gh, gw, tau, min_side=1)
             grid_mask[i, top:top + bh, left:left + bw] = False
             if method == "resizemix":
-                src_img = x_j[i].permute(2, 0, 1)[None].float()
+                src_img = pixels[partner[i]].permute(2, 0, 1)[None].float()
                 small = F.interpolate(src_img, size=(bh * ph, bw * pw), mode="bilinear", align_corners=False,
                                       antialias=True)
                 extra[i, top * ph:(top + bh) * ph, left * pw:(left + bw) * pw] = _to_uint8(small[0].permute(1, 2, 0))
     grid_mask = mask.view(b, gh, gw)
-    loser = mix_pixels(pixels, x_j if extra is None else extra, upsample_mask(grid_mask, (ph, pw)))
     kept = grid_mask.sum(dim=(1, 2)).double() / n_patches
+    if extra is None and not compose:
+        return MixResult(None, grid_mask.to(torch.uint8) * 255, kept)
+    loser = mix_pixels(pixels, pixels[partner] if extra is None else extra, upsample_mask(grid_mask, (ph, pw)))
     return MixResult(loser, grid_mask.to(torch.uint8) * 255, kept)

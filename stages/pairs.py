@@ -2,12 +2,16 @@
 
 `prepare_unit` (CPU task): fetch bytes, decode, fit to the encoder geometry; every input
 becomes a row, failures included. `PairMaker.make` (encoder actor): saliency, per-sample
-lam, the partner derangement inside the unit, masks and loser pixels. The pixels the
-encoder saw are exactly the stored winner, and the stored mask is exactly the loser's mask.
+lam, the partner derangement inside the unit and the masks. `UnitPairs.images` (CPU write
+task): the pixels of each pair; for patch-selection methods the loser is composed there,
+from the prepared pixels the task already holds, so the actor (one process per GPU) returns
+kilobytes of decisions instead of a unit of images. The pixels the encoder saw are exactly
+the stored winner, and the stored mask is exactly the loser's mask.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +21,7 @@ import numpy as np
 from schemas.shard import empty_row, sample_key
 from stages.preprocess import load_pixels
 from stages.read import InputError, InputRecord, clean_text, load_image_bytes, read_tar_text, tar_handle
+from stages.writer import PairImages
 
 # torch and the mixing stage are imported inside PairMaker only: the CPU tasks that prepare
 # units and unpickle PreparedUnit/UnitPairs then never load torch (seconds of CPU and a few
@@ -41,12 +46,60 @@ class PreparedUnit:
 
 @dataclass
 class UnitPairs:
+    """The actor's decisions for one unit. Index i runs over the ok rows, in row order, and
+    is also the image's index in the PreparedUnit's pixels."""
+
     unit_id: int
     rows: list[dict]
-    winners: np.ndarray  # (n_ok, H, W, 3)
-    losers: np.ndarray  # (n_ok, H, W, 3)
-    masks: np.ndarray  # (n_ok, gh, gw)
+    masks: np.ndarray  # (n_ok, gh, gw) uint8, 255 = patch from the winner
+    partners: np.ndarray  # (n_ok,) index of each sample's partner x_j
+    losers: np.ndarray | None = None  # (n_ok, H, W, 3), only for methods that are not a patch selection
     timings: dict = field(default_factory=dict)
+
+    def images(self, winners: np.ndarray) -> Mapping[str, PairImages]:
+        """Key -> the pair's pixels, given the unit's prepared pixels; a loser is composed
+        when its pair is looked up, so a writer holds one at a time."""
+        return _UnitImages(self, winners)
+
+
+class _UnitImages(Mapping):
+    def __init__(self, pairs: UnitPairs, winners: np.ndarray):
+        keys = [r["key"] for r in pairs.rows if r["status"] == "ok"]
+        if not len(keys) == len(pairs.masks) == len(pairs.partners) <= len(winners):
+            raise ValueError(f"unit {pairs.unit_id}: {len(keys)} ok rows, {len(pairs.masks)} masks, "
+                             f"{len(pairs.partners)} partners and {len(winners)} images do not match")
+        self.pairs, self.winners, self.index = pairs, winners, {k: i for i, k in enumerate(keys)}
+
+    def __getitem__(self, key: str) -> PairImages:
+        i, pairs = self.index[key], self.pairs
+        winner, mask = self.winners[i], pairs.masks[i]
+        if pairs.losers is not None:
+            return PairImages(winner, pairs.losers[i], mask)
+        return PairImages(winner, compose_loser(winner, self.winners[int(pairs.partners[i])], mask), mask)
+
+    def __contains__(self, key) -> bool:  # without composing the loser, as Mapping's default would
+        return key in self.index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def compose_loser(winner: np.ndarray, partner: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The loser of a patch-selection method: the partner's pixels, with the winner's on the
+    patches where `mask` (gh, gw) is non-zero. A pure selection of uint8 values, so it is
+    bit-for-bit stages.mix.mix_pixels; numpy, so a CPU task needs no torch for it."""
+    (h, w, c), (gh, gw) = winner.shape, mask.shape
+    if partner.shape != winner.shape or h % gh or w % gw:
+        raise ValueError(f"winner {winner.shape}, partner {partner.shape} and mask {mask.shape} do not fit")
+    ph, pw = h // gh, w // gw
+    loser = partner.copy()
+    rows, cols = np.nonzero(mask)
+    # (gh, ph, gw, pw*c) views: patch (r, c) is [r, :, c]; one fancy-indexed copy moves every kept patch.
+    loser.reshape(gh, ph, gw, pw * c)[rows, :, cols] = winner.reshape(gh, ph, gw, pw * c)[rows, :, cols]
+    return loser
 
 
 def prepare_unit(unit_id: int, first_index: int, records: list[InputRecord], image_size: tuple[int, int],
@@ -129,12 +182,11 @@ class PairMaker:
         ok = unit.ok_rows
         if len(ok) == 1:  # nothing to mix with: record it instead of pairing an image with itself
             ok[0].update(status="skipped", error="no_partner: only one usable image in the unit")
-            ok, unit.pixels = [], unit.pixels[:0]
+            ok = []
         enc = self.encoder
-        gh, gw = enc.grid
-        empty = np.zeros((0, *enc.image_size, 3), np.uint8)
         if not ok:
-            return UnitPairs(unit.unit_id, unit.rows, empty, empty, np.zeros((0, gh, gw), np.uint8), unit.timings)
+            return UnitPairs(unit.unit_id, unit.rows, np.zeros((0, *enc.grid), np.uint8), np.zeros(0, np.int64),
+                             timings=unit.timings)
         keys = [r["key"] for r in ok]
         lam = sample_lams(self.lam_spec, self.seed, keys)
         partner = derangement(keys, self.seed)
@@ -145,7 +197,7 @@ class PairMaker:
         result = make_losers(
             self.method, pixels, torch.from_numpy(partner).to(enc.device), torch.from_numpy(lam).to(enc.device),
             grid=enc.grid, patch=enc.patch, keys=keys, seed=self.seed,
-            saliency=None if grid is None else grid.flatten(1), token_scores=tokens, source=source,
+            saliency=None if grid is None else grid.flatten(1), token_scores=tokens, source=source, compose=False,
         )
         kept = result.kept.double().cpu().numpy()
         lam_hat = lam_hats(self.lam_mode, lam, kept, tokens_kept=enc.tokens_kept, num_patches=enc.num_patches,
@@ -162,4 +214,5 @@ class PairMaker:
                 saliency=flat_saliency[i].tolist() if flat_saliency is not None else None,
             )
         timings = dict(unit.timings, pairs_s=time.perf_counter() - start)
-        return UnitPairs(unit.unit_id, unit.rows, unit.pixels, result.loser.cpu().numpy(), masks, timings)
+        losers = None if result.loser is None else result.loser.cpu().numpy()
+        return UnitPairs(unit.unit_id, unit.rows, masks, partner, losers, timings)

@@ -16,11 +16,13 @@ import sys
 import tarfile
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -37,6 +39,7 @@ SHARDS_DIR = "shards"
 TMP_SUFFIX = ".tmp"
 STATS_SUFFIX = "_stats.json"
 TAR_MTIME = 0  # fixed so identical content gives identical bytes
+WRITE_CHUNK = 64  # samples encoded and typed at a time (bounds the write task's memory)
 
 
 @dataclass
@@ -78,7 +81,7 @@ def _check_pair(key: str, pair: PairImages) -> None:
         raise ValueError(f"{key}: winner {pair.winner.shape} and loser {pair.loser.shape} differ")
     if pair.mask.dtype != np.uint8 or pair.mask.ndim != 2:
         raise ValueError(f"{key}: mask must be uint8 gh x gw, got {pair.mask.dtype} {pair.mask.shape}")
-    if not np.isin(pair.mask, (0, 255)).all():
+    if not ((pair.mask == 0) | (pair.mask == 255)).all():
         raise ValueError(f"{key}: mask values must be 0 or 255")
 
 
@@ -152,11 +155,28 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     _fsync_dir(path.parent)
 
 
+def _encode_pair(row: dict, pair: PairImages, image_format: str, jpeg_quality: int) -> list[tuple[str, bytes]]:
+    """Encode one ok sample's images, fill its row's image fields; returns its tar members."""
+    key = row["key"]
+    _check_pair(key, pair)
+    _fill_from_pixels(row, pair)
+    encoded = {
+        "winner": encode_image(pair.winner, image_format, jpeg_quality),
+        "loser": encode_image(pair.loser, image_format, jpeg_quality),
+        "mask": encode_image(pair.mask, "png"),
+    }
+    for part, data in encoded.items():
+        row[f"{part}_sha256"] = hashlib.sha256(data).hexdigest()
+    row["image_format"] = image_format
+    row["jpeg_quality"] = int(jpeg_quality) if image_format == "jpg" else None
+    return [(member_name(key, part, image_format), data) for part, data in encoded.items()]
+
+
 def write_unit(
     out_dir: Path,
     unit_id: int,
     rows: list[dict],
-    images: dict[str, PairImages],
+    images: Mapping[str, PairImages],
     *,
     image_format: str = "jpg",
     jpeg_quality: int = 95,
@@ -199,48 +219,37 @@ def write_unit(
         row["fingerprint"] = fingerprint
         row["schema_version"] = SCHEMA_VERSION
 
-    # Encode images and fill the per-row fields that depend on them.
-    members: dict[str, list[tuple[str, bytes]]] = {}
-    for row in rows:
-        if row["status"] != "ok":
-            continue
-        key, pair = row["key"], images[row["key"]]
-        _check_pair(key, pair)
-        _fill_from_pixels(row, pair)
-        encoded = {
-            "winner": encode_image(pair.winner, image_format, jpeg_quality),
-            "loser": encode_image(pair.loser, image_format, jpeg_quality),
-            "mask": encode_image(pair.mask, "png"),
-        }
-        for part, data in encoded.items():
-            row[f"{part}_sha256"] = hashlib.sha256(data).hexdigest()
-        row["image_format"] = image_format
-        row["jpeg_quality"] = int(jpeg_quality) if image_format == "jpg" else None
-        members[key] = [(member_name(key, part, image_format), data) for part, data in encoded.items()]
-    t_encode = time.perf_counter()
-
-    # Typed once here: the JSON records are exactly what the Parquet file will read back.
-    table = table_from_rows(rows)
-    typed = table.to_pylist()
-
+    # Streamed in chunks: encode a chunk's images, type its rows, append its members. The
+    # task then holds one chunk of encoded bytes, not the unit's (its memory does not grow
+    # with --samples-per-shard), while Arrow still types many rows per call.
     tar_path, pq_path = sdir / f"{name}.tar", sdir / f"{name}.parquet"
     tar_tmp, pq_tmp = _tmp_name(tar_path), _tmp_name(pq_path)
+    tables, encode_s = [], 0.0
     try:
         with open(tar_tmp, "wb") as raw:
             hf = _HashingFile(raw)
             with tarfile.open(fileobj=hf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for record in typed:
-                    if record["status"] != "ok":
-                        continue
-                    key = record["key"]
-                    record_bytes = json.dumps(record, ensure_ascii=False, allow_nan=False).encode()
-                    for mname, data in [*members[key], (member_name(key, "json", image_format), record_bytes)]:
-                        tar.addfile(_tarinfo(mname, len(data)), io.BytesIO(data))
+                for start in range(0, len(rows), WRITE_CHUNK):
+                    chunk = rows[start : start + WRITE_CHUNK]
+                    t = time.perf_counter()
+                    members = {row["key"]: _encode_pair(row, images[row["key"]], image_format, jpeg_quality)
+                               for row in chunk if row["status"] == "ok"}
+                    encode_s += time.perf_counter() - t
+                    # Typed here: the JSON records are exactly what the Parquet file will read back.
+                    tables.append(table_from_rows(chunk))
+                    for record in tables[-1].to_pylist():
+                        if record["status"] != "ok":
+                            continue
+                        key = record["key"]
+                        record_bytes = json.dumps(record, ensure_ascii=False, allow_nan=False).encode()
+                        for mname, data in [*members[key], (member_name(key, "json", image_format), record_bytes)]:
+                            tar.addfile(_tarinfo(mname, len(data)), io.BytesIO(data))
             raw.flush()
             os.fsync(raw.fileno())
         tar_md5, tar_size = hf.md5.hexdigest(), hf.size
         t_tar = time.perf_counter()
 
+        table = pa.concat_tables(tables).combine_chunks() if tables else table_from_rows([])
         pq.write_table(table, pq_tmp, compression="zstd")
         with open(pq_tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -271,8 +280,8 @@ def write_unit(
         "tar": {"file": tar_path.name, "nsamples": counts["ok"], "filesize": tar_size, "md5sum": tar_md5},
         "parquet": {"file": pq_path.name, "rows": len(rows), "filesize": pq_path.stat().st_size},
         "timings": {
-            "encode_s": round(t_encode - t0, 6),
-            "tar_s": round(t_tar - t_encode, 6),
+            "encode_s": round(encode_s, 6),
+            "tar_s": round(t_tar - t0 - encode_s, 6),
             "parquet_s": round(t_parquet - t_tar, 6),
         },
     }

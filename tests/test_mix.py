@@ -425,3 +425,40 @@ def test_works_on_cuda_like_cpu():
         assert torch.equal(a.mask, b.mask.cpu()) and torch.equal(a.kept, b.kept.cpu())
         if method not in ("resizemix", "blur"):  # resampling kernels may round differently on GPU
             assert torch.equal(a.loser, b.loser.cpu())
+
+
+# ----------------------------------------------------------------------------- masks only, composed elsewhere
+
+@pytest.mark.parametrize("method", mix.METHODS)
+def test_compose_false_ships_masks_and_the_numpy_composer_rebuilds_the_loser(method):
+    """generate's actor calls make_losers(compose=False); for patch-selection methods the write
+    task rebuilds each loser from the mask and the partner's pixels with numpy. Bit for bit."""
+    from stages.pairs import compose_loser
+
+    d = batch(8)
+    full, masks_only = run(method, d), run(method, d, compose=False)
+    assert torch.equal(masks_only.mask, full.mask) and torch.equal(masks_only.kept, full.kept)
+    if method not in mix.PATCH_SELECT:  # blends, blurs and resampled partners still travel as pixels
+        assert torch.equal(masks_only.loser, full.loser)
+        return
+    assert masks_only.loser is None
+    pixels, partner = d["pixels"].numpy(), d["partner"].numpy()
+    for i in range(8):
+        got = compose_loser(pixels[i], pixels[partner[i]], full.mask[i].numpy())
+        assert np.array_equal(got, full.loser[i].numpy()), f"sample {i}"
+
+
+def test_compose_loser_selects_whole_patches():
+    from stages.pairs import compose_loser
+
+    winner = np.full((H, W, 3), 200, np.uint8)
+    partner = np.full((H, W, 3), 10, np.uint8)
+    mask = np.zeros(GRID, np.uint8)
+    mask[1, 4] = 255
+    loser = compose_loser(winner, partner, mask)
+    expected = partner.copy()
+    expected[PATCH[0] : 2 * PATCH[0], 4 * PATCH[1] : 5 * PATCH[1]] = 200
+    assert np.array_equal(loser, expected) and np.array_equal(partner, np.full((H, W, 3), 10, np.uint8))
+    assert np.array_equal(compose_loser(winner, partner, np.full(GRID, 255, np.uint8)), winner)
+    with pytest.raises(ValueError, match="do not fit"):
+        compose_loser(winner, partner[:-1], mask)

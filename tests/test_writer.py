@@ -109,6 +109,23 @@ def test_same_content_gives_byte_identical_tars_and_parquet(tmp_path, fmt):
     assert (tmp_path / "a/shards/000005.tar").read_bytes() != (tmp_path / "c/shards/000005.tar").read_bytes()
 
 
+def test_streaming_in_chunks_changes_no_byte(tmp_path, monkeypatch):
+    """The writer encodes and types WRITE_CHUNK samples at a time; chunk boundaries (falling on
+    failed rows too) must not show in the files."""
+    from stages import writer
+
+    def write(run):
+        rows, images = unit_rows(2, 11, failed=(2, 3), skipped=(9,))
+        return write_unit(tmp_path / run, 2, rows, images, image_format="png", fingerprint="fp")
+
+    one = write("one-chunk")
+    monkeypatch.setattr(writer, "WRITE_CHUNK", 3)
+    three = write("chunks-of-3")
+    for name in ("000002.tar", "000002.parquet"):
+        assert (tmp_path / "one-chunk/shards" / name).read_bytes() == (tmp_path / "chunks-of-3/shards" / name).read_bytes()
+    assert one["counts"] == three["counts"] == {"total": 11, "ok": 8, "failed": 2, "skipped": 1}
+
+
 def test_a_unit_without_stats_is_not_committed_and_resume_cleans_it(tmp_path):
     make_output(tmp_path, units=(0, 1), run_files=False)
     sdir = tmp_path / "shards"
