@@ -17,8 +17,11 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from importlib import metadata
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -57,6 +60,33 @@ def sample_input(n: int, pool: int = 10_000) -> tuple[Path, Path]:
     path = root / f"llava-{n}.json"
     if not path.is_file():
         rows = [r for r in json.loads(full.read_text()) if r.get("image")][:n]
+        path.write_text(json.dumps(rows))
+    return path, root
+
+
+def _write_image(args) -> dict:
+    i, root = args
+    from PIL import Image
+
+    rng = np.random.default_rng(i)
+    yy, xx = np.mgrid[0:480, 0:640]
+    img = np.stack([xx * 255 // 639, yy * 255 // 479, np.full_like(xx, rng.integers(0, 255))], -1)
+    img = np.clip(img + rng.integers(0, 40, size=img.shape), 0, 255).astype(np.uint8)
+    name = f"images/{i:06d}.jpg"
+    Image.fromarray(img).save(root / name, quality=90)
+    return {"id": f"g{i:06d}", "image": name, "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the picture."}, {"from": "gpt", "value": "A gradient."}]}
+
+
+def large_input(n: int) -> tuple[Path, Path]:
+    """A LLaVA JSON of `n` synthetic 640x480 JPEGs (about the size of the COCO images in
+    LLaVA-665k) and its image root, written once into SCRATCH/data-640."""
+    root = SCRATCH / "data-640"
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    path = root / f"llava-{n}.json"
+    if not path.is_file():
+        with ProcessPoolExecutor() as pool:
+            rows = list(pool.map(_write_image, [(i, root) for i in range(n)], chunksize=64))
         path.write_text(json.dumps(rows))
     return path, root
 

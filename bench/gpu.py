@@ -15,43 +15,14 @@ the CPU bound of the pipeline on this node.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from codec import codec_floor
-from common import SCRATCH, init_ray, print_table, run_generate, save
+from common import SCRATCH, init_ray, large_input, print_table, run_generate, save
 from stages.encoder import load_encoder, model_geometry
-
-
-def _write_image(args) -> dict:
-    i, root = args
-    from PIL import Image
-
-    rng = np.random.default_rng(i)
-    yy, xx = np.mgrid[0:480, 0:640]
-    img = np.stack([xx * 255 // 639, yy * 255 // 479, np.full_like(xx, rng.integers(0, 255))], -1)
-    img = np.clip(img + rng.integers(0, 40, size=img.shape), 0, 255).astype(np.uint8)
-    name = f"images/{i:06d}.jpg"
-    Image.fromarray(img).save(root / name, quality=90)
-    return {"id": f"g{i:06d}", "image": name, "conversations": [
-        {"from": "human", "value": "<image>\nDescribe the picture."}, {"from": "gpt", "value": "A gradient."}]}
-
-
-def large_input(n: int) -> tuple[Path, Path]:
-    root = SCRATCH / "data-640"
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    path = root / f"llava-{n}.json"
-    if not path.is_file():
-        with ProcessPoolExecutor() as pool:
-            rows = list(pool.map(_write_image, [(i, root) for i in range(n)], chunksize=64))
-        path.write_text(json.dumps(rows))
-    return path, root
 
 
 def encoder_rate(enc, batch: int, iters: int, compiled: bool) -> float:
