@@ -462,3 +462,24 @@ def test_compose_loser_selects_whole_patches():
     assert np.array_equal(compose_loser(winner, partner, np.full(GRID, 255, np.uint8)), winner)
     with pytest.raises(ValueError, match="do not fit"):
         compose_loser(winner, partner[:-1], mask)
+
+
+def test_unit_pairs_images_map_keys_to_composed_or_shipped_losers():
+    from stages.pairs import UnitPairs, compose_loser
+
+    d = batch(4)
+    pixels, partner = d["pixels"].numpy(), d["partner"].numpy()
+    masks = run("random", d).mask.numpy()
+    rows = [{"key": k, "status": "ok"} for k in d["keys"]]
+    rows.insert(2, {"key": "failed-row", "status": "failed"})  # not an image: indices skip it
+    images = UnitPairs(0, rows, masks, partner).images(pixels)
+    assert list(images) == d["keys"] and len(images) == 4
+    assert "failed-row" not in images and d["keys"][3] in images
+    third = images[d["keys"][2]]
+    assert np.array_equal(third.winner, pixels[2]) and np.array_equal(third.mask, masks[2])
+    assert np.array_equal(third.loser, compose_loser(pixels[2], pixels[partner[2]], masks[2]))
+    shipped = np.zeros_like(pixels)  # mixup/resizemix/blur: the actor's losers pass through unchanged
+    with_losers = UnitPairs(0, rows, masks, partner, losers=shipped).images(pixels)
+    assert np.array_equal(with_losers[d["keys"][1]].loser, shipped[1])
+    with pytest.raises(ValueError, match="do not match"):
+        UnitPairs(0, rows, masks[:3], partner).images(pixels)
