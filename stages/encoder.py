@@ -108,7 +108,9 @@ class MergingEncoder(nn.Module):
         The CLIP normalisation (x / 255 - mean) / std is affine per channel, so it folds into
         the patch convolution: weights scaled by 1 / (255 std), plus a constant per output
         channel. That saves three full passes over the batch in float. Pixels are centred on
-        128 (exact in bf16/fp16 too) so the constant stays small and nothing cancels."""
+        128 (exact in bf16/fp16 too) so the constant stays small and nothing cancels. The folded
+        weights are derived per call (tiny next to the convolution), so they follow any change
+        to the tower's weights."""
         conv = self.visual.conv1
         weight = conv.weight / (255.0 * self.std)  # std, mean: (1, 3, 1, 1)
         bias = (conv.weight * ((128.0 / 255.0 - self.mean) / self.std)).sum(dim=(1, 2, 3))
