@@ -69,6 +69,7 @@ def generate(
     samples_per_shard: int = typer.Option(None, help="inputs per work unit = per shard [1000]"),
     device: str = typer.Option(None, help="auto | cpu | cuda [auto]"),
     address: str = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"),
+    unit_timeout: float = typer.Option(None, help="seconds a unit may go without progress before it is cancelled and retried [3600]"),
     overwrite: bool = typer.Option(None, "--overwrite", help="replace output written with another configuration"),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="show the progress bar [on]"),
     config: str = typer.Option(None, "--config", help="YAML file with the same keys as these flags"),
@@ -204,6 +205,7 @@ def train_cmd(
     num_workers: int = typer.Option(0, "--num-workers", help="DataLoader workers"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --output from its checkpoint"),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="train on the units committed now of an unfinished output (a fixed set, announced)"),
 ):
     """Train a model on the shards with SFT + mixed SimPO (docs/METHOD.md section 5)."""
     from stages.train import TrainConfig, train
@@ -213,7 +215,7 @@ def train_cmd(
         gradient_checkpointing=gradient_checkpointing, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         weight_decay=weight_decay, warmup=warmup, max_grad_norm=max_grad_norm, log_every=log_every, save_every=save_every,
         beta=beta, sft_weight=sft_weight, pref_weight=pref_weight, two_sided=two_sided, margin_from=margin_from, seed=seed,
-        num_workers=num_workers, device=device, resume=resume,
+        num_workers=num_workers, device=device, resume=resume, allow_partial=allow_partial,
     ), echo=typer.echo)
     typer.echo(f"done: step {result['step']}, run folder {result['output']}")
 

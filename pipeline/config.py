@@ -19,7 +19,8 @@ from stages.mix import LAM_MODES, METHODS, parse_lam_spec
 from stages.preprocess import RESIZE_MODES
 
 # Keys that do not change a single output byte: they may differ between a run and its resume.
-RUN_ONLY_KEYS = frozenset({"output", "workers", "batch_size", "address", "overwrite", "config", "device", "progress"})
+RUN_ONLY_KEYS = frozenset({"output", "workers", "batch_size", "address", "overwrite", "config", "device", "progress",
+                           "unit_timeout"})
 
 
 @dataclass
@@ -47,6 +48,7 @@ class GenerateConfig:
     batch_size: int = 64
     device: str = "auto"  # auto | cpu | cuda
     address: str | None = None
+    unit_timeout: float = 3600.0  # seconds a unit's current stage may go without progress
     overwrite: bool = False
     progress: bool = True
     config: str | None = None
@@ -84,6 +86,8 @@ class GenerateConfig:
             value = getattr(self, key)
             if value is not None and value < low:
                 raise UserError(f"--{key.replace('_', '-')} must be >= {low}, got {value}")
+        if not self.unit_timeout > 0:
+            raise UserError(f"--unit-timeout must be > 0 seconds, got {self.unit_timeout}")
         if not 1 <= self.jpeg_quality <= 100:
             raise UserError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
         if self.image_root is not None and not Path(self.image_root).is_dir():

@@ -1,37 +1,36 @@
-"""`generate` on Ray: plan units, skip committed ones, and stream the rest through
-CPU prepare tasks -> encoder actors -> CPU write tasks.
+"""`generate`: plan -> check -> distribute -> run files.
 
-Every unit is independent (its partners, lam draws and masks depend only on its own
-inputs, the config and the seed), so the output does not depend on how many actors run
-or on which node a unit lands. The driver holds only light records and a bounded number
-of units in flight; pixels move between tasks and actors through Ray's object store.
+The driver lists the input in a stream (stages.listing: one small slice per unit, never the
+records), takes the output's lease (one run writes OUT at a time), checks what OUT already
+holds (same fingerprint resumes, another is refused, a file we did not write is never
+touched), removes leftovers of interrupted writes, then hands the units that are not yet
+committed to pipeline.distribute. Every unit is independent (its partners, lam draws and
+masks depend only on its own inputs, the config and the seed), so the output does not depend
+on how many actors run or on which node a unit lands.
 """
 from __future__ import annotations
 
-import errno
-import json
-import os
-import shutil
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 from tqdm import tqdm
 
-from pipeline.config import GenerateConfig
-from schemas.shard import SCHEMA_VERSION
-from stages.encoder import load_encoder, model_geometry, resolve_pretrained
-from stages.errors import UserError
 from pipeline import tasks
+from pipeline.actor import UnitWorker
+from pipeline.config import GenerateConfig
+from pipeline.distribute import Distributor, connect, size_from_cluster, units_in_flight
 from pipeline.tasks import Unit
-from stages.pairs import PairMaker, PreparedUnit, UnitPairs
-from stages.read import records_digest, InputRecord, detect_kind, read_records
-from stages.writer import clean_uncommitted, committed_units, package_versions, write_run_files
-
-UNITS_IN_FLIGHT_PER_ACTOR = 2  # at least: one being encoded, one being prepared behind it
-UNIT_RETRIES = 2  # a unit that raises is retried this many times, then recorded as failed
+from schemas.layout import INDEX_FILE, SHARDS_DIR
+from schemas.shard import SCHEMA_VERSION
+from stages.encoder import model_geometry, resolve_pretrained
+from stages.errors import UserError
+from stages.lease import Lease
+from stages.listing import default_image_root, detect_kind, list_input
+from stages.outdir import committed_units, read_run_file, remove_leftovers, remove_output
+from stages.storage import open_store
+from stages.writer import package_versions, write_run_files
 
 
 @dataclass
@@ -50,282 +49,143 @@ class RunResult:
         return not self.failed_units
 
 
-def plan_units(records: list[InputRecord], per_shard: int) -> list[Unit]:
-    return [Unit(u, s, records[s : s + per_shard]) for u, s in enumerate(range(0, len(records), per_shard))]
-
-
-# --- resume: same config continues, another config is refused -----------------------------
-
-
-def check_output(out: Path, cfg: GenerateConfig, fingerprint: str) -> None:
-    run_file, shards = out / "run.json", out / "shards"
-    if cfg.overwrite:
-        try:
-            for path in (run_file, out / "index.json"):
-                path.unlink(missing_ok=True)
-            if shards.exists():
-                shutil.rmtree(shards)
-        except OSError as exc:
-            raise UserError(f"--overwrite could not remove the old output in {out}: {exc.strerror or exc}") from None
-        return
-    previous = {s.get("fingerprint") for s in committed_units(out).values()}
-    if run_file.is_file():
-        try:
-            previous.add(json.loads(run_file.read_text()).get("fingerprint"))
-        except ValueError:
-            pass
-    previous.discard(None)
-    if previous and previous != {fingerprint}:
-        raise UserError(
-            f"{out} holds output of a different configuration (fingerprint {sorted(previous)[0]}, now {fingerprint}); "
-            "use the same flags to resume, another --output, or --overwrite to replace it"
-        )
-
-
-# --- Ray side ------------------------------------------------------------------------------
-
-
-@dataclass
-class Sizing:
-    actors: int
-    actor_cpus: float
-    actor_gpus: float
-    task_cpus: float
-    device: str
-    threads: int
-
-
-def size_from_cluster(cfg: GenerateConfig) -> Sizing:
-    """Actors and task sizes from the cluster's resources; never asks for more than exist."""
-    res = ray.cluster_resources()
-    cpus, gpus = float(res.get("CPU", 1)), float(res.get("GPU", 0))
-    use_gpu = gpus >= 1 and cfg.device != "cpu"
-    if cfg.device == "cuda" and not use_gpu:
-        raise UserError("--device cuda but the Ray cluster has no GPU")
-    if use_gpu:
-        actors = cfg.workers or int(gpus)
-        return Sizing(actors, min(1.0, cpus / (2 * actors)), min(1.0, gpus / actors), 1.0 if cpus > actors + 1 else 0.5, "cuda", 4)
-    actors = cfg.workers or max(1, int(cpus) // 2)
-    # Half the CPUs to encoder actors, half to prepare/write tasks (fractional, so both fit).
-    # One torch thread per actor: results must not depend on thread count (see README).
-    return Sizing(actors, cpus / (2 * actors), 0.0, max(0.25, min(1.0, cpus / 4)), "cpu", 1)
-
-
-@ray.remote
-class UnitWorker:
-    """One model load per actor; turns prepared units into pairs."""
-
-    def __init__(self, cfg: dict, device: str, threads: int):
-        import torch
-
-        torch.set_num_threads(threads)
-        c = GenerateConfig(**cfg)
-        # Each actor resolves the weights itself: a tag downloads into its own node's cache.
-        encoder = load_encoder(c.model, c.pretrained, merge=c.effective_merge, attn_layer=c.attn_layer,
-                               prop_attn=c.prop_attn, schedule=c.merge_schedule, device=device, precision=c.precision)
-        describe = {"model": c.model, "pretrained": None if c.pretrained in ("", "none") else c.pretrained, "seed": c.seed,
-                    "method": c.method, "lam_mode": c.lam_mode, **encoder.describe()}
-        describe.pop("patch_size")
-        self.maker = PairMaker(encoder, method=c.method, lam=c.lam, lam_mode=c.lam_mode, seed=c.seed,
-                               batch_size=c.batch_size, describe=describe)
-
-    def make(self, unit: PreparedUnit) -> UnitPairs:
-        _injected_fault(unit.unit_id)
-        return self.maker.make(unit)
-
-
-# TEST-ONLY fault injection for tests/test_faults.py; inert unless the variable is set.
-# MERGEMIX_TEST_FAULTS names a directory; for unit N a file there named "raise-N" makes every
-# attempt raise, "kill-N" makes the actor SIGKILL itself once (the file is claimed by rename),
-# "hold-N" parks the attempt while the file exists. Each attempt appends "N pid" to attempts.log.
-FAULTS_ENV = "MERGEMIX_TEST_FAULTS"
-
-
-def _injected_fault(unit_id: int) -> None:
-    faults = os.environ.get(FAULTS_ENV)
-    if not faults:
-        return
-    import signal
-
-    folder = Path(faults)
-    with open(folder / "attempts.log", "a") as log:
-        log.write(f"{unit_id} {os.getpid()}\n")
-    deadline = time.monotonic() + 120
-    while (folder / f"hold-{unit_id}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if (folder / f"raise-{unit_id}").exists():
-        raise RuntimeError(f"injected fault in unit {unit_id}")
-    try:
-        os.rename(folder / f"kill-{unit_id}", folder / f"killed-{unit_id}")
-    except FileNotFoundError:
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 # Defined in pipeline.tasks, which imports no torch, so task workers stay light.
 _prepare = ray.remote(tasks.prepare)
 _write = ray.remote(tasks.write)
 
 
-def connect(address: str | None) -> None:
-    if ray.is_initialized():
+def check_output(store, cfg: GenerateConfig, fingerprint: str, planned: range) -> None:
+    """Resume: the same fingerprint continues; another is refused unless --overwrite, which
+    removes our files only. A run.json or index.json we did not write is refused either way."""
+    run = read_run_file(store)
+    read_run_file(store, INDEX_FILE)
+    if cfg.overwrite:
+        try:
+            remove_output(store, planned)
+        except OSError as exc:
+            raise UserError(f"--overwrite could not remove the old output in {store.url}: {exc.strerror or exc}") from None
         return
-    if address:
-        project = Path(__file__).resolve().parents[1]
-        modules = [str(project / name) for name in ("pipeline", "stages", "schemas")]
-        ray.init(address=address, runtime_env={"py_modules": modules}, log_to_driver=False)
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)  # inside `ray job submit`, or a user-chosen cluster
-    else:
-        # address="local": start our own Ray even if `ray start` left a cluster address in /tmp/ray.
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
-
-
-# --- the run ---------------------------------------------------------------------------------
-
-
-def default_image_root(input_path: str, kind: str) -> str | None:
-    """Without --image-root: an image folder is its own root, and a JSON/JSONL/Parquet file's
-    relative image paths resolve next to it (as LLaVA's data layout has them)."""
-    if kind == "folder":
-        return input_path
-    if kind in ("llava", "jsonl", "parquet"):
-        return str(Path(input_path).resolve().parent)
-    return None
+    previous = {s.get("fingerprint") for s in committed_units(store).values()}
+    if run is not None:
+        previous.add(run.get("fingerprint"))
+    previous.discard(None)
+    if previous and previous != {fingerprint}:
+        raise UserError(
+            f"{store.url} holds output of a different configuration (fingerprint {sorted(previous)[0]}, now {fingerprint}); "
+            "use the same flags to resume, another --output, or --overwrite to replace it"
+        )
 
 
 def generate(cfg: GenerateConfig) -> RunResult:
     t0 = time.perf_counter()
-    out = Path(cfg.output)
+    store = open_store(cfg.output)
     kind = detect_kind(cfg.input)
     image_root = cfg.image_root or default_image_root(cfg.input, kind)
     image_size, _ = model_geometry(cfg.model)
     resolve_pretrained(cfg.model, cfg.pretrained)  # fail here, in one line, before any worker starts
-    records = read_records(cfg.input, folder_labels=cfg.folder_labels)
-    if not records:
-        raise UserError(f"{cfg.input} holds no samples")
-    # The records (ids, image references, text) are part of the fingerprint: resuming after
-    # the input list changed would mix units of two different inputs.
-    input_digest = records_digest(records)
-    fingerprint = cfg.fingerprint(input_digest)
-    check_output(out, cfg, fingerprint)
-    _check_writable(out)
-    clean_uncommitted(out)
-    units = plan_units(records, cfg.samples_per_shard)
-    done = committed_units(out)
-    todo = deque(u for u in units if u.unit_id not in done)
-    result = RunResult(out, fingerprint, len(units), len(units) - len(todo), 0)
+    _check_writable(store)
+    with Lease(store, "generate") as lease:
+        # The records (ids, image references, text) are part of the fingerprint: resuming after
+        # the input changed would mix units of two different inputs.
+        listing = list_input(cfg.input, cfg.samples_per_shard, folder_labels=cfg.folder_labels)
+        if not listing.count:
+            raise UserError(f"{cfg.input} holds no samples")
+        fingerprint = cfg.fingerprint(listing.digest)
+        planned = range(len(listing.slices))
+        check_output(store, cfg, fingerprint, planned)
+        remove_leftovers(store, planned)
+        done = committed_units(store)
+        units = [Unit(i, s) for i, s in enumerate(listing.slices) if i not in done]
+        result = RunResult(Path(cfg.output), fingerprint, len(planned), len(planned) - len(units), 0)
+        outcome, sizing = _distribute(cfg, units, image_size, image_root, fingerprint, lease)
+        if outcome.storage_error:
+            raise UserError(f"cannot write to {store.url} ({outcome.storage_error}); committed units are kept: "
+                            "free space or fix permissions, then rerun the same command to resume")
+        result.units_written = len(outcome.written)
+        result.failed_units = dict(sorted(outcome.failed.items()))
+        result.counts = {s: sum(int(stats["counts"].get(s, 0)) for _, stats in outcome.written)
+                         for s in ("ok", "failed", "skipped")}
+        result.seconds = time.perf_counter() - t0
+        _run_files(store, {
+            "fingerprint": fingerprint,
+            "input_digest": listing.digest,
+            "config": cfg.to_dict(),
+            "output_config": cfg.output_keys(),
+            "schema_version": SCHEMA_VERSION,
+            "versions": package_versions(),
+            "input_kind": listing.kind,
+            "inputs": listing.count,
+            "units_planned": len(planned),
+            "failed_units": {str(k): v for k, v in result.failed_units.items()},
+            "this_run": {"units_written": result.units_written, "units_already_committed": result.units_skipped,
+                         "seconds": round(result.seconds, 3), "counts": result.counts,
+                         "sizing": vars(sizing) if sizing else None},
+        })
+    return result
 
+
+def _distribute(cfg: GenerateConfig, units: list[Unit], image_size, image_root, fingerprint: str, lease: Lease):
+    """Run `units` on Ray; returns (pipeline.distribute.Outcome, the sizing used or None)."""
+    from pipeline.distribute import Outcome
+
+    if not units:  # a finished run resumes as a no-op: no Ray start, no actor
+        return Outcome(), None
     connect(cfg.address)
-    sizing = size_from_cluster(cfg)
+    resources = ray.cluster_resources()
+    sizing = size_from_cluster(resources, cfg.workers, cfg.device)
     # Actors restart without limit: preemptible nodes take them down again and again over a long
     # run. A unit that kills its actor every time still ends, after max_task_retries x UNIT_RETRIES.
     actors = [
         UnitWorker.options(num_cpus=sizing.actor_cpus, num_gpus=sizing.actor_gpus, max_restarts=-1, max_task_retries=3)
         .remote(cfg.to_dict(), sizing.device, sizing.threads)
-        for _ in range(min(sizing.actors, len(todo)))  # none when every unit is already committed
+        for _ in range(min(sizing.actors, len(units)))
     ]
     prepare = _prepare.options(num_cpus=sizing.task_cpus, max_retries=3)
     write = _write.options(num_cpus=sizing.task_cpus, max_retries=3)
 
-    counts = {"ok": 0, "failed": 0, "skipped": 0}
-    attempts: dict[int, int] = {}
-    storage_error = None  # disk full / read-only OUT: retrying cannot help, so the run stops
-    in_flight: dict = {}  # write ref -> (unit, actor index)
-    load = [0] * len(actors)
-    # Enough units in flight for prepare/write tasks on every CPU: a GPU actor encodes a unit
-    # much faster than one CPU task prepares or writes it, so 2 per actor would idle most cores.
-    task_slots = int(float(ray.cluster_resources().get("CPU", 1)) / sizing.task_cpus)
-    per_actor = max(UNITS_IN_FLIGHT_PER_ACTOR, -(-task_slots // max(1, len(actors))))
-    samples_todo = sum(len(u.records) for u in todo)
-    bar = tqdm(total=samples_todo, unit="pair", disable=not cfg.progress, dynamic_ncols=True, desc="generate")
+    def submit(unit: Unit, actor):
+        prepared = prepare.remote(unit, image_size, cfg.resize, image_root)
+        decided = actor.make.remote(prepared)
+        # The writer takes the prepared pixels straight from the object store: the actor returns decisions only.
+        return prepared, decided, write.remote(prepared, decided, cfg.output, cfg.image_format, cfg.jpeg_quality,
+                                               fingerprint)
+
+    bar = tqdm(total=sum(u.size for u in units), unit="pair", disable=not cfg.progress, dynamic_ncols=True,
+               desc="generate")
+    counts = {"failed": 0, "skipped": 0}
+
+    def written(unit: Unit, stats: dict) -> None:
+        for status in counts:
+            counts[status] += int(stats["counts"].get(status, 0))
+        bar.update(unit.size)
+        bar.set_postfix(counts, refresh=False)
+
+    distributor = Distributor(actors, submit, units_in_flight(resources, sizing, len(actors)), cfg.unit_timeout,
+                              on_written=written, on_failed=lambda unit, reason: bar.update(unit.size),
+                              lost=lease.lost.is_set)
     try:
-        while todo or in_flight:
-            while todo and min(load) < per_actor:
-                a = load.index(min(load))
-                unit = todo.popleft()
-                prepared = prepare.remote(unit, image_size, cfg.resize, image_root)
-                pairs = actors[a].make.remote(prepared)
-                # The writer takes the prepared pixels straight from the object store: the actor returns decisions only.
-                in_flight[write.remote(prepared, pairs, str(out), cfg.image_format, cfg.jpeg_quality, fingerprint)] = (unit, a)
-                load[a] += 1
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            unit, a = in_flight.pop(ready[0])
-            load[a] -= 1
-            try:
-                stats = ray.get(ready[0])
-            except Exception as exc:  # RayTaskError / actor death after Ray's own retries
-                if _storage_error(exc) and not storage_error:
-                    storage_error = f"unit {unit.unit_id}: {_one_line(exc)}"
-                    todo.clear()  # stop feeding; the loop drains units already in flight
-                if storage_error:
-                    continue
-                attempts[unit.unit_id] = attempts.get(unit.unit_id, 0) + 1
-                if attempts[unit.unit_id] <= UNIT_RETRIES:
-                    todo.append(unit)
-                    continue
-                result.failed_units[unit.unit_id] = _one_line(exc)
-                bar.update(len(unit.records))
-                continue
-            result.units_written += 1
-            for status in counts:
-                counts[status] += int(stats["counts"].get(status, 0))
-            bar.update(len(unit.records))
-            bar.set_postfix(failed=counts["failed"], skipped=counts["skipped"], refresh=False)
+        return distributor.run(units), sizing
     finally:
         bar.close()
         for actor in actors:
             ray.kill(actor)
-    if storage_error:
-        raise UserError(f"cannot write to {out} ({storage_error}); committed units are kept: "
-                        "free space or fix permissions, then rerun the same command to resume")
-    result.counts = counts
-    result.seconds = time.perf_counter() - t0
-    _run_files(out, {
-        "fingerprint": fingerprint,
-        "input_digest": input_digest,
-        "config": cfg.to_dict(),
-        "output_config": cfg.output_keys(),
-        "schema_version": SCHEMA_VERSION,
-        "versions": package_versions(),
-        "input_kind": kind,
-        "inputs": len(records),
-        "units_planned": len(units),
-        "failed_units": {str(k): v for k, v in sorted(result.failed_units.items())},
-        "this_run": {"units_written": result.units_written, "units_already_committed": result.units_skipped,
-                     "seconds": round(result.seconds, 3), "counts": counts, "sizing": vars(sizing)},
-    })
-    return result
 
 
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
-
-
-def _storage_error(exc: BaseException) -> bool:
-    cause = getattr(exc, "cause", None) or exc
-    return isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS
-
-
-def _check_writable(out: Path) -> None:
+def _check_writable(store) -> None:
     """Create OUT/shards and prove a file can be written there, before any worker starts."""
     try:
-        (out / "shards").mkdir(parents=True, exist_ok=True)
-        probe = out / "shards" / f".write-probe-{os.getpid()}.tmp"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        store.makedirs(SHARDS_DIR)
+        probe = store.tmp_name(f"{SHARDS_DIR}/write-probe")
+        store.write_bytes(probe, b"ok")
+        store.delete(probe)
     except OSError as exc:
-        raise UserError(f"cannot write to --output {out}: {exc.strerror or exc} ({exc.filename or out}); "
+        raise UserError(f"cannot write to --output {store.url}: {exc.strerror or exc} ({exc.filename or store.url}); "
                         "choose a writable directory") from None
 
 
-def _run_files(out: Path, info: dict) -> None:
+def _run_files(store, info: dict) -> None:
     try:
-        write_run_files(out, info)
+        write_run_files(store, info)
     except OSError as exc:
-        raise UserError(f"all units done, but {out}/run.json could not be written: {exc.strerror or exc}; "
+        raise UserError(f"all units done, but {store.url}/run.json could not be written: {exc.strerror or exc}; "
                         "free space, then rerun the same command to write it") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None) or exc
-    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300] if str(cause).strip() else ''}"

@@ -11,20 +11,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages.listing import Slice
 from stages.pairs import PreparedUnit, UnitPairs, prepare_unit
-from stages.read import InputRecord
+from stages.read import read_slice
 from stages.writer import write_unit
 
 
 @dataclass
 class Unit:
+    """Work unit `unit_id` = output shard `unit_id`: the inputs of `slice`."""
+
     unit_id: int
-    start: int
-    records: list[InputRecord]
+    slice: Slice
+
+    @property
+    def size(self) -> int:
+        return self.slice.count
 
 
 def prepare(unit: Unit, image_size, resize: str, image_root: str | None) -> PreparedUnit:
-    return prepare_unit(unit.unit_id, unit.start, unit.records, image_size, resize, image_root)
+    records = read_slice(unit.slice)
+    return prepare_unit(unit.unit_id, unit.slice.first_index, records, image_size, resize, image_root)
 
 
 def write(unit: PreparedUnit, pairs: UnitPairs, out_dir: str, image_format: str, jpeg_quality: int,

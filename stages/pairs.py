@@ -20,7 +20,7 @@ import numpy as np
 
 from schemas.shard import empty_row, sample_key
 from stages.preprocess import load_pixels
-from stages.read import InputError, InputRecord, clean_text, load_image_bytes, read_tar_text, tar_handle
+from stages.read import InputError, InputRecord, clean_text, close_handles, load_image_bytes
 from stages.writer import PairImages
 
 # torch and the mixing stage are imported inside PairMaker only: the CPU tasks that prepare
@@ -115,8 +115,6 @@ def prepare_unit(unit_id: int, first_index: int, records: list[InputRecord], ima
             row = empty_row(key=sample_key(unit_id, i), source_id=clean_text(rec.source_id), unit=unit_id, index=i,
                             input_index=first_index + i, resize_mode=resize)
             try:
-                if rec.extra.get("tar"):
-                    read_tar_text(rec, tar_handle(handles, rec.extra["tar"]))
                 row.update(prompt=clean_text(rec.prompt), answer=clean_text(rec.answer),
                            conversations=clean_text(rec.conversations), label=clean_text(rec.label))
                 if rec.error:
@@ -134,9 +132,7 @@ def prepare_unit(unit_id: int, first_index: int, records: list[InputRecord], ima
                 row.update(status="failed", error=clean_text(f"read_error: {type(exc).__name__}: {str(exc)[:200]}"))
             rows.append(row)
     finally:
-        for handle in handles.values():
-            if hasattr(handle, "close"):
-                handle.close()
+        close_handles(handles)
     stacked = pixels if n_ok == len(records) else pixels[:n_ok].copy()  # a copy only when rows failed
     return PreparedUnit(unit_id, rows, stacked, {"prepare_s": time.perf_counter() - start})
 

@@ -1,41 +1,30 @@
-"""Input readers: turn every supported input into an ordered list of light `InputRecord`s.
+"""Reading inputs in the CPU prepare task: the records of one unit's slice, and the bytes of
+each record's image.
 
-The driver lists records (ids, text, where the image lives) without reading image bytes;
-CPU tasks fetch the bytes later with `load_image_bytes`. Kinds:
-
-- LLaVA instruction JSON: a list of {id, image, conversations}; images under --image-root.
-- A folder of images (recursive); with folder labels, ImageFolder-style class subfolders.
-- Webdataset tars (image + json/txt/cls members), a tar, a glob, a brace list, or a folder of tars.
-- A Parquet or JSONL manifest: `image` (path) or `image_bytes` column, plus text columns.
-
-A malformed row becomes a record with `error` set, never an exception for the whole run.
+A malformed row becomes a record with `error` set, never an exception for the whole unit.
 Image paths are confined to the image root: absolute paths, `..` escapes and symlinks that
-leave it are refused per row.
+leave it are refused per row. Only regular files are read: a FIFO or a device named like an
+image would block or never end, so it becomes a failed row instead of a stalled unit.
 """
 from __future__ import annotations
 
-import glob
-import hashlib
 import json
 import os
-import tarfile
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import braceexpand
+from stages.listing import Slice, parquet_columns
 
-from stages.errors import UserError
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-TEXT_EXTS = ("json", "txt", "cls")
 PROMPT_COLUMNS = ("prompt", "question", "caption", "text")
-BYTES_COLUMNS = ("image_bytes", "bytes", "jpg", "png")
+MAX_FILE_BYTES = 512 << 20  # larger image files are refused before reading (too_large)
 
 
 @dataclass
 class InputRecord:
     """One input sample. `image` says where the image is: ("file", path relative to the image
-    root), ("tar", tar path, member name), ("parquet", file, row group, row) or None (text-only)."""
+    root), ("tar", tar path, data offset, size, member name), ("parquet", file, row, column)
+    or None (text-only)."""
 
     source_id: str
     image: tuple | None
@@ -44,62 +33,49 @@ class InputRecord:
     conversations: str | None = None  # JSON text of the LLaVA conversation list
     label: str | None = None
     error: str | None = None  # set when the row itself is malformed
-    extra: dict = field(default_factory=dict)  # text members of a tar sample, read by the task
+    extra: dict = field(default_factory=dict)
 
 
-def records_digest(records: list[InputRecord]) -> str:
-    """A hash of the listed inputs (ids, where each image is, text): changes when the input
-    list or its text changes. Image bytes are not read for it."""
-    h = hashlib.sha256()
-    for r in records:
-        h.update(json.dumps([r.source_id, r.image, r.prompt, r.answer, r.conversations, r.label, r.error],
-                            ensure_ascii=False, default=str).encode("utf-8", "surrogatepass"))
-        h.update(b"\n")
-    return h.hexdigest()[:16]
+class InputError(Exception):
+    """A per-row problem: becomes a failed row whose error starts with `reason`."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
 
 
-def detect_kind(path: str) -> str:
-    p = Path(path)
-    if any(c in path for c in "*{?") or p.suffix == ".tar":
-        return "webdataset"
-    if p.is_dir():
-        return "webdataset" if any(p.glob("*.tar")) and not _has_images(p) else "folder"
-    if not p.exists():
-        raise UserError(f"input {path} does not exist")
-    kinds = {".json": "llava", ".jsonl": "jsonl", ".parquet": "parquet"}
-    if p.suffix.lower() not in kinds:
-        raise UserError(f"cannot tell the input kind of {path}: use a LLaVA .json, a .jsonl or .parquet manifest, .tar shards or an image folder")
-    return kinds[p.suffix.lower()]
+def clean_text(value: str | None) -> str | None:
+    """Text that can be stored as UTF-8: JSON escapes such as "\\ud800" decode to lone
+    surrogates, which Arrow and JSON encoders refuse; they become U+FFFD instead of costing
+    the whole unit."""
+    if value is None:
+        return None
+    return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
-def _has_images(folder: Path) -> bool:
-    return any(f.suffix.lower() in IMAGE_EXTS for f in folder.rglob("*") if f.is_file())
+# --- the records of a slice --------------------------------------------------------------
 
 
-def read_records(path: str, *, folder_labels: bool = False) -> list[InputRecord]:
-    kind = detect_kind(path)
-    if kind == "llava":
-        return read_llava(Path(path))
-    if kind == "folder":
-        return read_folder(Path(path), folder_labels)
-    if kind == "webdataset":
-        return read_webdataset(path)
-    if kind == "jsonl":
-        return read_jsonl(Path(path))
-    return read_parquet(Path(path))
+def read_slice(s: Slice) -> list[InputRecord]:
+    """The records of one unit, in input order."""
+    records = {"llava": _read_llava, "jsonl": _read_jsonl, "parquet": _read_parquet, "folder": _read_folder,
+               "webdataset": _read_webdataset}[s.kind](s)
+    if len(records) != s.count:
+        raise ValueError(f"{s.source or s.kind}: {len(records)} records where the listing found {s.count}; "
+                         "the input changed while the run was going")
+    return records
 
 
-# --- LLaVA JSON ------------------------------------------------------------------------
+def _read_range(path: str, start: int, stop: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(stop - start)
 
 
-def read_llava(path: Path) -> list[InputRecord]:
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8", errors="replace"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); expected a LLaVA list of {{id, image, conversations}}") from None
-    if not isinstance(rows, list):
-        raise UserError(f"{path} must hold a JSON list of {{id, image, conversations}} objects")
-    return [_llava_record(i, row) for i, row in enumerate(rows)]
+def _read_llava(s: Slice) -> list[InputRecord]:
+    text = _read_range(s.source, s.start, s.stop).decode("utf-8", errors="replace")
+    rows = json.loads("[" + text + "]")  # the slice runs from its first element to its last
+    return [_llava_record(s.first_index + i, row) for i, row in enumerate(rows)]
 
 
 def _llava_record(i: int, row) -> InputRecord:
@@ -139,75 +115,49 @@ def _first_turn(conv: list) -> tuple[str | None, str | None]:
     return prompt, answer
 
 
-# --- image folder ----------------------------------------------------------------------
-
-
-def read_folder(root: Path, folder_labels: bool) -> list[InputRecord]:
-    files = sorted(
-        (f for f in root.rglob("*") if f.suffix.lower() in IMAGE_EXTS and (f.is_file() or f.is_symlink())),
-        key=lambda f: f.relative_to(root).as_posix(),
-    )
+def _read_jsonl(s: Slice) -> list[InputRecord]:
     records = []
-    for f in files:
-        rel = f.relative_to(root).as_posix()
-        label = rel.split("/")[0] if folder_labels and "/" in rel else None
-        records.append(InputRecord(rel, ("file", rel), label=label))
-    return records
-
-
-# --- webdataset tars -------------------------------------------------------------------
-
-
-def expand_tar_paths(spec: str) -> list[str]:
-    if Path(spec).is_dir():
-        paths = sorted(str(p) for p in Path(spec).glob("*.tar"))
-    else:
-        paths = sorted({p for s in braceexpand.braceexpand(spec) for p in (glob.glob(s) if any(c in s for c in "*?[") else [s])})
-    missing = [p for p in paths if not Path(p).is_file()]
-    if not paths or missing:
-        raise UserError(f"no webdataset tars found for {spec}" + (f" (missing: {missing[0]})" if missing else ""))
-    return paths
-
-
-def read_webdataset(spec: str) -> list[InputRecord]:
-    records = []
-    for tar_path in expand_tar_paths(spec):
-        try:
-            with tarfile.open(tar_path) as tf:
-                members = [m.name for m in tf.getmembers() if m.isfile()]
-        except (tarfile.TarError, OSError) as exc:
-            raise UserError(f"cannot read webdataset tar {tar_path}: {exc}") from None
-        samples: dict[str, dict[str, str]] = {}
-        for name in members:
-            base = os.path.basename(name)
-            key, _, ext = base.partition(".")
-            samples.setdefault(os.path.join(os.path.dirname(name), key), {})[ext.lower()] = name
-        for key, parts in samples.items():
-            image_member = next((parts[e] for e in parts if "." + e in IMAGE_EXTS), None)
-            text_members = {e: parts[e] for e in TEXT_EXTS if e in parts}
-            image = ("tar", tar_path, image_member) if image_member else None
-            records.append(InputRecord(key, image, extra=text_members | {"tar": tar_path}))
-    return records
-
-
-def read_tar_text(record: InputRecord, tf: tarfile.TarFile) -> None:
-    """Fill prompt/answer/label of a tar record from its json/txt/cls members."""
-    for ext, member in record.extra.items():
-        if ext == "tar":
+    lines = _read_range(s.source, s.start, s.stop).splitlines(keepends=True)
+    for line_no, raw in enumerate(lines, start=s.first_line):
+        if not raw.strip():
             continue
-        raw = tf.extractfile(member).read().decode("utf-8", errors="replace")
-        if ext == "json":
-            try:
-                meta = json.loads(raw)
-            except json.JSONDecodeError:
-                record.error = "malformed_row: json member is not valid JSON"
-                continue
-            if isinstance(meta, dict):
-                _fill_text(record, meta)
-        elif ext == "txt":
-            record.prompt = record.prompt or raw.strip()
-        elif ext == "cls":
-            record.label = raw.strip()
+        try:
+            row = json.loads(raw.decode("utf-8", errors="replace"))
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            records.append(InputRecord(f"line-{line_no + 1}", None, error=f"malformed_row: line {line_no + 1}: {exc}"))
+            continue
+        image = ("file", row["image"]) if isinstance(row.get("image"), str) else None
+        records.append(_manifest_record(row, line_no, image))
+    return records
+
+
+def _read_parquet(s: Slice) -> list[InputRecord]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(s.source)
+    bytes_col, text_cols = parquet_columns(pf.schema_arrow.names)
+    records, first = [], 0
+    for group in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(group).num_rows
+        lo, hi = max(s.start, first), min(s.stop, first + n)
+        if lo < hi:
+            rows = pf.read_row_group(group, columns=text_cols).slice(lo - first, hi - lo).to_pylist()
+            for row_number, row in enumerate(rows, start=lo):
+                if bytes_col:
+                    ref = ("parquet", s.source, row_number, bytes_col)
+                else:
+                    ref = ("file", row["image"]) if isinstance(row.get("image"), str) else None
+                records.append(_manifest_record(row, row_number, ref))
+        first += n
+    return records
+
+
+def _manifest_record(row: dict, i: int, image_ref) -> InputRecord:
+    record = InputRecord(str(row.get("id", f"row-{i}")), image_ref)
+    _fill_text(record, row)
+    return record
 
 
 def _fill_text(record: InputRecord, meta: dict) -> None:
@@ -229,72 +179,59 @@ def _fill_text(record: InputRecord, meta: dict) -> None:
         record.label = str(meta["label"])
 
 
-# --- manifests -------------------------------------------------------------------------
+def _read_folder(s: Slice) -> list[InputRecord]:
+    return [InputRecord(rel, ("file", rel), label=rel.split("/")[0] if s.folder_labels and "/" in rel else None)
+            for rel in s.items]
 
 
-def read_jsonl(path: Path) -> list[InputRecord]:
-    records = []
-    with path.open("rb") as f:
-        for i, raw in enumerate(f):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8", errors="replace"))
-                if not isinstance(row, dict):
-                    raise ValueError("not an object")
-            except ValueError as exc:
-                records.append(InputRecord(f"line-{i + 1}", None, error=f"malformed_row: line {i + 1}: {exc}"))
-                continue
-            records.append(_manifest_record(row, i, image_ref=("file", row["image"]) if isinstance(row.get("image"), str) else None))
-    return records
-
-
-def read_parquet(path: Path) -> list[InputRecord]:
-    import pyarrow.parquet as pq
-
+def _read_webdataset(s: Slice) -> list[InputRecord]:
+    records, handles = [], {}
     try:
-        pf = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises several types for a bad file
-        raise UserError(f"cannot read parquet manifest {path}: {exc}") from None
-    names = pf.schema_arrow.names
-    bytes_col = next((c for c in BYTES_COLUMNS if c in names), None)
-    text_cols = [c for c in names if c != bytes_col]
-    records, row_number = [], 0
-    for group in range(pf.num_row_groups):
-        for j, row in enumerate(pf.read_row_group(group, columns=text_cols).to_pylist()):
-            if bytes_col:
-                ref = ("parquet", str(path), group, j, bytes_col)
-            else:
-                ref = ("file", row["image"]) if isinstance(row.get("image"), str) else None
-            records.append(_manifest_record(row, row_number, image_ref=ref))
-            row_number += 1
+        for sample in s.items:
+            image = ("tar", sample.tar, sample.image[1], sample.image[2], sample.image[0]) if sample.image else None
+            record = InputRecord(sample.key, image)
+            for ext, offset, size in sample.texts:
+                try:
+                    _fill_tar_text(record, ext, _read_at(handles, sample.tar, offset, size))
+                except InputError as exc:
+                    record.error = f"malformed_row: {ext} member: {exc}"
+            records.append(record)
+    finally:
+        for f in handles.values():
+            f.close()
     return records
 
 
-def _manifest_record(row: dict, i: int, image_ref) -> InputRecord:
-    record = InputRecord(str(row.get("id", f"row-{i}")), image_ref)
-    _fill_text(record, row)
-    return record
+def _fill_tar_text(record: InputRecord, ext: str, data: bytes) -> None:
+    """prompt/answer/label of a tar sample from one of its json/txt/cls members."""
+    raw = data.decode("utf-8", errors="replace")
+    if ext == "json":
+        try:
+            meta = json.loads(raw)
+        except json.JSONDecodeError:
+            record.error = "malformed_row: json member is not valid JSON"
+            return
+        if isinstance(meta, dict):
+            _fill_text(record, meta)
+    elif ext == "txt":
+        record.prompt = record.prompt or raw.strip()
+    elif ext == "cls":
+        record.label = raw.strip()
 
 
-# --- fetching image bytes (runs in CPU tasks) ------------------------------------------
+def _read_at(handles: dict, path: str, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset` of a tar (its members are read in place, never extracted)."""
+    if path not in handles:
+        handles[path] = open(path, "rb")
+    f = handles[path]
+    f.seek(offset)
+    data = f.read(size)
+    if len(data) != size:
+        raise InputError("corrupt_image", f"tar member at {offset} is cut short in {path}")
+    return data
 
 
-class InputError(Exception):
-    """A per-row problem: becomes a failed row whose error starts with `reason`."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-
-
-def clean_text(value: str | None) -> str | None:
-    """Text that can be stored as UTF-8: JSON escapes such as "\\ud800" decode to lone
-    surrogates, which Arrow and JSON encoders refuse; they become U+FFFD instead of costing
-    the whole unit."""
-    if value is None:
-        return None
-    return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+# --- image bytes -------------------------------------------------------------------------
 
 
 def resolve_inside(root: Path, relative: str) -> Path:
@@ -310,37 +247,75 @@ def resolve_inside(root: Path, relative: str) -> Path:
     return Path(real)
 
 
+def read_image_file(path: Path, name: str) -> bytes:
+    """Bytes of a regular file. Opened non-blocking, so a FIFO cannot stall the task; anything
+    that is not a regular file, or is implausibly large for an image, is refused."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise InputError("missing_file", f"{name} not found") from None
+    except OSError as exc:
+        raise InputError("unreadable_file", f"{name}: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError("not_a_file", f"{name} is not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise InputError("too_large", f"{name} is {info.st_size >> 20} MiB (limit {MAX_FILE_BYTES >> 20} MiB)")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        try:
+            return f.read()
+        except OSError as exc:
+            raise InputError("unreadable_file", f"{name}: {exc.strerror or exc}") from None
+
+
 def load_image_bytes(ref: tuple, image_root: Path | None, cache: dict | None = None) -> bytes:
-    """Bytes of one image. `cache` keeps open tar/parquet handles across a unit's records."""
+    """Bytes of one image. `cache` keeps open tar files and Parquet row groups across a unit."""
     kind = ref[0]
+    cache = {} if cache is None else cache
     if kind == "file":
         if image_root is None:
             raise InputError("no_image_root", "image paths need --image-root")
-        path = resolve_inside(image_root, ref[1])
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise InputError("missing_file", f"{ref[1]} not found") from None
-        except OSError as exc:
-            raise InputError("unreadable_file", f"{ref[1]}: {exc.strerror or exc}") from None
-    cache = {} if cache is None else cache
+        return read_image_file(resolve_inside(image_root, ref[1]), ref[1])
     if kind == "tar":
-        return tar_handle(cache, ref[1]).extractfile(ref[2]).read()
+        _, path, offset, size, _name = ref
+        if size > MAX_FILE_BYTES:
+            raise InputError("too_large", f"tar member is {size >> 20} MiB (limit {MAX_FILE_BYTES >> 20} MiB)")
+        return _read_at(cache, path, offset, size)
     if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        _, path, group, row, column = ref
-        key = (path, group)
+        _, path, row, column = ref
+        group, local = _parquet_position(cache, path, row)
+        key = (path, group, column)
         if key not in cache:
+            import pyarrow.parquet as pq
+
             cache[key] = pq.ParquetFile(path).read_row_group(group, columns=[column]).column(0).to_pylist()
-        value = cache[key][row]
+        value = cache[key][local]
         if not value:
             raise InputError("empty_file", "image bytes are empty")
         return value
     raise ValueError(f"unknown image reference {ref!r}")
 
 
-def tar_handle(cache: dict, path: str) -> tarfile.TarFile:
-    if path not in cache:
-        cache[path] = tarfile.open(path)
-    return cache[path]
+def _parquet_position(cache: dict, path: str, row: int) -> tuple[int, int]:
+    """(row group, row inside it) of a manifest row."""
+    key = ("rows", path)
+    if key not in cache:
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(path).metadata
+        cache[key] = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    for group, n in enumerate(cache[key]):
+        if row < n:
+            return group, row
+        row -= n
+    raise ValueError(f"row beyond the end of {path}")
+
+
+def close_handles(cache: dict) -> None:
+    for value in cache.values():
+        if hasattr(value, "close"):
+            value.close()

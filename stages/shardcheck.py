@@ -15,7 +15,24 @@ from PIL import Image
 from schemas.shard import FIELDS, SCHEMA_VERSION, sample_key, shard_name, validate_row
 from stages.errors import UserError
 from stages.shardread import ShardRef, decode_image, iter_tar_members, output_shards_dir, read_parquet, split_member
-from stages.writer import STATS_SUFFIX, TMP_SUFFIX, _unit_of, committed_units, error_reason, read_stats
+from schemas.layout import STATS_SUFFIX, parse_tmp_file, parse_unit_file
+from stages.outdir import committed_units, read_stats
+from stages.storage import LocalStore
+from stages.writer import error_reason
+
+
+def _unit_of(path: Path) -> int | None:
+    parsed = parse_unit_file(path.name)
+    return parsed[0] if parsed else None
+
+
+def _planned_units(out_dir: Path) -> int | None:
+    """Units the run planned (from run.json), or None when unknown."""
+    try:
+        planned = json.loads((out_dir / "run.json").read_text()).get("units_planned")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return planned if isinstance(planned, int) else None
 
 # --- validate ---------------------------------------------------------------------------
 
@@ -185,6 +202,11 @@ def _check_run_files(out_dir: Path, units: dict[int, dict]) -> list[str]:
         return problems + ["run.json: missing (the run did not finish); rerun `generate` to resume and write it"]
     except ValueError:
         return problems + ["run.json: not valid JSON"]
+    if isinstance(run, dict):
+        for unit, st in units.items():
+            if st.get("fingerprint") != run.get("fingerprint"):
+                problems.append(f"shards/{shard_name(unit)}{STATS_SUFFIX}: fingerprint {st.get('fingerprint')!r} != "
+                                f"run.json fingerprint {run.get('fingerprint')!r} (a unit of another run)")
     totals = run.get("totals", {}) if isinstance(run, dict) else {}
     for status in ("ok", "failed", "skipped"):
         got = sum(int(st.get("counts", {}).get(status, 0)) for st in units.values())
@@ -200,24 +222,24 @@ def validate_output(out_dir: Path) -> list[str]:
     sdir = output_shards_dir(out_dir)
     problems: list[str] = []
     units: dict[int, dict] = {}
+    planned = _planned_units(out_dir)
     for path in sorted(sdir.iterdir()):
         rel = f"shards/{path.name}"
-        if path.name.startswith(".") and path.name.endswith(TMP_SUFFIX):
+        parsed = parse_unit_file(path.name)
+        if parse_tmp_file(path.name) is not None:
             problems.append(f"{rel}: leftover temporary file of an interrupted write (resuming `generate` removes it)")
-        elif path.name.endswith(STATS_SUFFIX):
-            unit = _unit_of(path)
-            stats = read_stats(out_dir, unit) if unit is not None else None
+        elif parsed is None or (planned is not None and parsed[0] >= planned):
+            continue  # not one of our names, or a unit outside the run's plan: somebody else's file
+        elif parsed[1] == STATS_SUFFIX:
+            stats = read_stats(LocalStore(out_dir), parsed[0])
             if stats is None:
                 problems.append(f"{rel}: unreadable stats file (or wrong unit); regenerate this unit")
             else:
-                units[unit] = stats
+                units[parsed[0]] = stats
     for path in sorted(sdir.iterdir()):
-        if path.suffix in (".tar", ".parquet") and not path.name.startswith("."):
-            unit = _unit_of(path)
-            if unit is None:
-                problems.append(f"shards/{path.name}: not a shard name (expected NNNNNN{path.suffix})")
-            elif unit not in units:
-                problems.append(f"shards/{path.name}: no {shard_name(unit)}{STATS_SUFFIX}, so the unit is not committed (interrupted write); resume `generate`")
+        parsed = parse_unit_file(path.name)
+        if parsed and parsed[1] != STATS_SUFFIX and parsed[0] not in units and (planned is None or parsed[0] < planned):
+            problems.append(f"shards/{path.name}: no {shard_name(parsed[0])}{STATS_SUFFIX}, so the unit is not committed (interrupted write); resume `generate`")
     if not units:
         problems.append(f"{sdir}: no committed units")
         return problems
@@ -256,7 +278,7 @@ def inspect_output(out_dir: Path) -> str:
     histograms, methods, model and config summary."""
     out_dir = Path(out_dir)
     sdir = output_shards_dir(out_dir)
-    units = committed_units(out_dir)
+    units = committed_units(LocalStore(out_dir))
     uncommitted = sorted({p.name.split(".")[0] for p in sdir.iterdir()
                           if p.suffix in (".tar", ".parquet") and _unit_of(p) is not None and _unit_of(p) not in units})
     lines = [f"output       {out_dir}"]

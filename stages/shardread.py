@@ -18,7 +18,9 @@ from PIL import Image
 
 from schemas.shard import check_arrow_schema, check_schema_version
 from stages.errors import UserError
-from stages.writer import SHARDS_DIR, STATS_SUFFIX, committed_units, shards_dir
+from stages.storage import LocalStore
+from schemas.layout import SHARDS_DIR, STATS_SUFFIX
+from stages.outdir import committed_units
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ def output_shards_dir(out_dir: Path) -> Path:
         raise UserError(f"{out_dir} does not exist: pass the output directory given to `generate`")
     if not out_dir.is_dir():
         raise UserError(f"{out_dir} is not a directory: pass the output directory given to `generate`")
-    sdir = shards_dir(out_dir)
+    sdir = out_dir / SHARDS_DIR
     if not sdir.is_dir():
         raise UserError(f"{out_dir} has no {SHARDS_DIR}/ folder: pass the output directory given to `generate`")
     return sdir
@@ -68,12 +70,12 @@ def resolve_shards(source) -> list[ShardRef]:
             raise UserError(f"{path} is not a .tar shard: pass an output directory, a glob or tar paths")
         return [ShardRef(path)]
     out_dir = path if (path / SHARDS_DIR).is_dir() else path.parent if path.name == SHARDS_DIR else path
-    units = committed_units(out_dir)
+    units = committed_units(LocalStore(out_dir))
     if not units:
         if path.is_dir() and not (path / SHARDS_DIR).is_dir() and list(path.glob("*.tar")) and not list(path.glob(f"*{STATS_SUFFIX}")):
             raise UserError(f"{path} holds tars but no *{STATS_SUFFIX} commit markers: pass a glob ('{path}/*.tar') to read them anyway")
         raise UserError(f"{path} has no committed shards: run `mergemix-pipeline generate` (or resume it) first")
-    sdir = shards_dir(out_dir)
+    sdir = out_dir / SHARDS_DIR
     return [ShardRef(sdir / st["tar"]["file"], st["tar"].get("filesize"), unit) for unit, st in units.items()]
 
 

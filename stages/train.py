@@ -22,7 +22,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from schemas.layout import SHARDS_DIR, shard_name, tar_name
 from stages.errors import UserError
+from stages.outdir import committed_units, unfinished
+from stages.storage import LocalStore
 from stages.loader import ShardDataset, collate_pairs
 from stages.losses import mergemix_loss
 from stages.vlm import build_adapter
@@ -61,6 +64,8 @@ class TrainConfig:
     num_workers: int = 0
     device: str = "auto"
     resume: bool = False
+    allow_partial: bool = False  # train on the units committed now of an unfinished output
+    partial_units: list[int] | None = None  # set at start with allow_partial: the fixed set, kept on resume
 
     def check(self) -> None:
         positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum, "log_every": self.log_every}
@@ -71,6 +76,33 @@ class TrainConfig:
             raise UserError("--lr must be positive; --warmup, --save-every and --num-workers must not be negative")
         if self.margin_from not in ("lam_hat", "lam"):
             raise UserError(f"--margin-from must be lam_hat or lam, got {self.margin_from!r}")
+
+
+def training_shards(cfg: TrainConfig, echo=print):
+    """What to read: the output directory itself when it is a finished generate run; a fixed,
+    announced list of its committed units with allow_partial; tars or globs as given."""
+    path = Path(cfg.shards)
+    out_dir = path if (path / SHARDS_DIR).is_dir() else path.parent if path.name == SHARDS_DIR and path.is_dir() else None
+    if out_dir is None:
+        return cfg.shards
+    store = LocalStore(out_dir)
+    if cfg.partial_units is None:
+        reasons = unfinished(store)
+        if not reasons:
+            return cfg.shards
+        if not cfg.allow_partial:
+            raise UserError(f"{out_dir} is not a finished generate run: {'; '.join(reasons)}; let generate finish "
+                            "(or rerun it), or pass --allow-partial to train on the units committed now")
+        cfg.partial_units = sorted(committed_units(store))
+        if not cfg.partial_units:
+            raise UserError(f"{out_dir} has no committed units yet")
+        names = [shard_name(u) for u in cfg.partial_units]
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        echo(f"training on {len(names)} committed units ({shown}) of an unfinished output: {'; '.join(reasons)}")
+    missing = [u for u in cfg.partial_units if u not in committed_units(store)]
+    if missing:
+        raise UserError(f"units {', '.join(map(shard_name, missing))} of this run's fixed set are no longer committed in {out_dir}")
+    return [str(out_dir / SHARDS_DIR / tar_name(u)) for u in cfg.partial_units]
 
 
 def cosine_with_warmup(warmup: int, total: int):
@@ -204,6 +236,8 @@ def train(cfg: TrainConfig, echo=print) -> dict:
         changed = [k for k in FIXED_ON_RESUME if saved.get(k) != getattr(cfg, k)]
         if changed:
             raise UserError(f"cannot resume {out} with different {', '.join(changed)}; use the saved values or a new --output")
+        cfg.partial_units = saved.get("partial_units")  # a partial run goes on with the units it started with
+    shards = training_shards(cfg, echo)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG).write_text(json.dumps(asdict(cfg), indent=2))
 
@@ -227,7 +261,7 @@ def train(cfg: TrainConfig, echo=print) -> dict:
     elif cfg.resume:
         echo(f"no checkpoint in {out}; starting a new run")
 
-    dataset = ShardDataset(cfg.shards, image_size=getattr(model, "image_size", None), shuffle_shards=True, seed=cfg.seed)
+    dataset = ShardDataset(shards, image_size=getattr(model, "image_size", None), shuffle_shards=True, seed=cfg.seed)
     stream = BatchStream(dataset, cfg, epoch, offset)
     batches = iter(stream)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

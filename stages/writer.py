@@ -1,43 +1,39 @@
 """Write one work unit as shard files, committed atomically; write the run-level files.
 
-A unit is committed when `shards/NNNNNN_stats.json` exists: the tar and the Parquet file
-are written to temporary names, fsynced and renamed first, and the stats file last, so a
-crash at any point leaves either a committed unit or leftovers that `clean_uncommitted`
-removes. Tars have fixed headers (mtime 0, uid/gid 0, mode 0444, USTAR) so the same
-content gives byte-identical tars.
+A unit is committed when `shards/NNNNNN_stats.json` exists: the tar and the Parquet file are
+written first (each atomically, see stages.storage), and the stats file last, so a crash at
+any point leaves either a committed unit or leftovers that stages.outdir recognises and
+removes. Tars have fixed headers (mtime 0, uid/gid 0, mode 0444, USTAR) so the same content
+gives byte-identical tars.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import os
 import sys
 import tarfile
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from schemas.layout import INDEX_FILE, PRODUCER, RUN_FILE, SHARDS_DIR, shard_name, unit_files
 from schemas.shard import (
     IMAGE_FORMATS,
     SCHEMA_VERSION,
     STATUSES,
     member_name,
-    shard_name,
     table_from_rows,
 )
+from stages.outdir import committed_units
+from stages.storage import open_store
 
-SHARDS_DIR = "shards"
-TMP_SUFFIX = ".tmp"
-STATS_SUFFIX = "_stats.json"
 TAR_MTIME = 0  # fixed so identical content gives identical bytes
 WRITE_CHUNK = 64  # samples encoded and typed at a time (bounds the write task's memory)
 
@@ -50,10 +46,6 @@ class PairImages:
     loser: np.ndarray  # H x W x 3, the mixed image
     mask: np.ndarray  # gh x gw, 255 = patch from the winner, 0 = from the partner
     saliency: np.ndarray | None = None  # gh x gw float, optional; stored in the row's `saliency`
-
-
-def shards_dir(out_dir: Path) -> Path:
-    return Path(out_dir) / SHARDS_DIR
 
 
 def encode_image(pixels: np.ndarray, image_format: str, jpeg_quality: int = 95) -> bytes:
@@ -127,32 +119,8 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(final: Path) -> Path:
-    # Hidden and unique: globs for *.tar never see it, and two writers of one unit never collide.
-    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # disk full, say: leave no temp file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+def _json_bytes(obj: dict) -> bytes:
+    return (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode()
 
 
 def _encode_pair(row: dict, pair: PairImages, image_format: str, jpeg_quality: int) -> list[tuple[str, bytes]]:
@@ -193,7 +161,7 @@ def _append_chunk(tar: tarfile.TarFile, chunk: list[dict], images: Mapping[str, 
 
 
 def write_unit(
-    out_dir: Path,
+    out_dir,
     unit_id: int,
     rows: list[dict],
     images: Mapping[str, PairImages],
@@ -208,16 +176,17 @@ def write_unit(
     `rows` are one per input in input order (every FIELDS key present, see
     `schemas.shard.empty_row`); ok rows need `images[row["key"]]`. Fills the hash fields,
     image_format, jpeg_quality, fingerprint and missing geometry in `rows` (in place).
-    Returns the stats dict that was written.
+    `out_dir` is the output directory (a path or a store). Returns the stats dict written.
     """
     t0 = time.perf_counter()
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image format {image_format!r} is not one of {IMAGE_FORMATS}")
     if not 1 <= int(jpeg_quality) <= 100:
         raise ValueError(f"jpeg quality {jpeg_quality} is not in 1..100")
-    sdir = shards_dir(out_dir)
-    sdir.mkdir(parents=True, exist_ok=True)
+    store = open_store(out_dir)
+    store.makedirs(SHARDS_DIR)
     name = shard_name(unit_id)
+    tar_name, pq_name, stats_name = (f"{SHARDS_DIR}/{n}" for n in unit_files(unit_id))
     seen = set()
     for pos, row in enumerate(rows):
         key = row.get("key")
@@ -241,12 +210,10 @@ def write_unit(
 
     # Streamed in chunks (_append_chunk): the task holds one chunk of encoded bytes, not the
     # unit's, so its memory does not grow with --samples-per-shard.
-    tar_path, pq_path = sdir / f"{name}.tar", sdir / f"{name}.parquet"
-    tar_tmp, pq_tmp = _tmp_name(tar_path), _tmp_name(pq_path)
     tables, encode_s = [], 0.0
     t_start = time.perf_counter()
     try:
-        with open(tar_tmp, "wb") as raw:
+        with store.writer(tar_name) as raw:
             hf = _HashingFile(raw)
             with tarfile.open(fileobj=hf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for start in range(0, len(rows), WRITE_CHUNK):
@@ -254,21 +221,13 @@ def write_unit(
                                                    jpeg_quality)
                     tables.append(table)
                     encode_s += seconds
-            raw.flush()
-            os.fsync(raw.fileno())
         tar_md5, tar_size = hf.md5.hexdigest(), hf.size
         t_tar = time.perf_counter()
-
         table = pa.concat_tables(tables).combine_chunks() if tables else table_from_rows([])
-        pq.write_table(table, pq_tmp, compression="zstd")
-        with open(pq_tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tar_tmp, tar_path)
-        os.replace(pq_tmp, pq_path)
-        _fsync_dir(sdir)
-    except BaseException:
-        for tmp in (tar_tmp, pq_tmp):
-            tmp.unlink(missing_ok=True)
+        with store.writer(pq_name) as f:
+            pq.write_table(table, f, compression="zstd")
+    except BaseException:  # not committed: take back a tar that was already renamed into place
+        store.delete(tar_name)
         raise
     t_parquet = time.perf_counter()
 
@@ -287,8 +246,8 @@ def write_unit(
         "image_format": image_format,
         "counts": {"total": len(rows), **counts},
         "errors": dict(sorted(reasons.items())),
-        "tar": {"file": tar_path.name, "nsamples": counts["ok"], "filesize": tar_size, "md5sum": tar_md5},
-        "parquet": {"file": pq_path.name, "rows": len(rows), "filesize": pq_path.stat().st_size},
+        "tar": {"file": f"{name}.tar", "nsamples": counts["ok"], "filesize": tar_size, "md5sum": tar_md5},
+        "parquet": {"file": f"{name}.parquet", "rows": len(rows), "filesize": store.size(pq_name)},
         "timings": {
             "encode_s": round(t_start - t0 + encode_s, 6),  # row checks included, as before
             "tar_s": round(t_tar - t_start - encode_s, 6),
@@ -299,13 +258,12 @@ def write_unit(
     stats["timings"].update(extra.pop("timings", {}) or {})
     stats.update(extra)
     stats["timings"]["write_s"] = round(time.perf_counter() - t0, 6)
-    stats_path = sdir / f"{name}{STATS_SUFFIX}"
     try:
-        _write_json_atomic(stats_path, stats)  # the commit
+        store.write_bytes(stats_name, _json_bytes(stats))  # the commit
     except BaseException:
-        if not stats_path.exists():  # not committed: take back the renamed tar and parquet too
-            tar_path.unlink(missing_ok=True)
-            pq_path.unlink(missing_ok=True)
+        if not store.exists(stats_name):  # not committed: take back the tar and parquet too
+            store.delete(tar_name)
+            store.delete(pq_name)
         raise
     return stats
 
@@ -315,53 +273,6 @@ def error_reason(error: str | None) -> str:
     if not error:
         return "unknown"
     return error.split(":", 1)[0].strip() or "unknown"
-
-
-def read_stats(out_dir: Path, unit_id: int) -> dict | None:
-    """Stats of a committed unit, or None if the unit is not committed (or its stats are unreadable)."""
-    path = shards_dir(out_dir) / f"{shard_name(unit_id)}{STATS_SUFFIX}"
-    try:
-        stats = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return stats if isinstance(stats, dict) and stats.get("unit") == unit_id else None
-
-
-def _unit_of(path: Path) -> int | None:
-    stem = path.name.split(".", 1)[0].removesuffix(STATS_SUFFIX.removesuffix(".json"))
-    return int(stem) if len(stem) == 6 and stem.isdigit() else None
-
-
-def committed_units(out_dir: Path) -> dict[int, dict]:
-    """Unit id -> stats, for committed units only, in unit order."""
-    sdir = shards_dir(out_dir)
-    if not sdir.is_dir():
-        return {}
-    result = {}
-    for path in sorted(sdir.glob(f"*{STATS_SUFFIX}")):
-        unit = _unit_of(path)
-        if unit is not None and (stats := read_stats(out_dir, unit)) is not None:
-            result[unit] = stats
-    return result
-
-
-def clean_uncommitted(out_dir: Path) -> list[Path]:
-    """Remove temp files and tars/parquets of units without a stats file (before a resume).
-    Returns the removed paths."""
-    sdir = shards_dir(out_dir)
-    if not sdir.is_dir():
-        return []
-    committed = committed_units(out_dir)
-    removed = []
-    for path in sorted(sdir.iterdir()):
-        if not path.is_file():
-            continue
-        is_tmp = path.name.startswith(".") and path.name.endswith(TMP_SUFFIX)
-        orphan = path.suffix in (".tar", ".parquet") and _unit_of(path) not in committed
-        if is_tmp or orphan:
-            path.unlink()
-            removed.append(path)
-    return removed
 
 
 def package_versions() -> dict[str, str]:
@@ -375,11 +286,11 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def write_run_files(out_dir: Path, run_info: dict) -> None:
+def write_run_files(out_dir, run_info: dict) -> None:
     """Write OUT/run.json (run_info + versions + totals over committed units) and
     OUT/index.json (wids-shard-index-v1 with relative urls, so the directory can move)."""
-    out_dir = Path(out_dir)
-    units = committed_units(out_dir)
+    store = open_store(out_dir)
+    units = committed_units(store)
     totals = {"units": len(units), "total": 0, **{s: 0 for s in STATUSES}}
     errors: dict[str, int] = {}
     timings: dict[str, float] = {}
@@ -397,16 +308,17 @@ def write_run_files(out_dir: Path, run_info: dict) -> None:
     totals["tar_bytes"] = tar_bytes
     totals["unit_timings_sum_s"] = timings
 
-    run = dict(run_info)
+    run = {"producer": PRODUCER, **run_info}
     run.setdefault("schema_version", SCHEMA_VERSION)
     run.setdefault("versions", package_versions())
     run["totals"] = totals
-    _write_json_atomic(out_dir / "run.json", run)
+    store.write_bytes(RUN_FILE, _json_bytes(run))
 
     index = {
         "__kind__": "wids-shard-index-v1",
         "wids_version": 1,
-        "name": out_dir.name,
+        "producer": PRODUCER,
+        "name": store.url.rstrip("/").rsplit("/", 1)[-1],
         "schema_version": SCHEMA_VERSION,
         "shardlist": [
             {
@@ -418,5 +330,5 @@ def write_run_files(out_dir: Path, run_info: dict) -> None:
             for stats in units.values()
         ],
     }
-    _write_json_atomic(out_dir / "index.json", index)
+    store.write_bytes(INDEX_FILE, _json_bytes(index))
 

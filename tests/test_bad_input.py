@@ -129,6 +129,8 @@ def build_corpus(base: Path) -> tuple[Path, Path, list]:
     (base / "secret.jpg").write_bytes(good)
     os.symlink(base / "secret.jpg", root / "link.jpg")
     os.symlink("../secret.jpg", root / "rel-link.jpg")
+    os.mkfifo(root / "fifo.jpg")  # opening it for reading would wait for a writer forever
+    (root / "dir.jpg").mkdir()
 
     def row(id_, image, prompt="What is shown?"):
         entry = {"id": id_, "conversations": [{"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": "An image."}]}
@@ -170,6 +172,8 @@ def build_corpus(base: Path) -> tuple[Path, Path, list]:
         row("surrogate", "good2.jpg", prompt="lone \ud800 surrogate"),
         row("bad-utf8", "good0.jpg", prompt="PLACEHOLDER"),
         row("surrogate-path", "x\ud800.jpg"),
+        row("fifo", "fifo.jpg"),
+        row("dir", "dir.jpg"),
     ]
     text = json.dumps(entries, ensure_ascii=True)  # keeps "\ud800" as an escape: valid JSON, invalid UTF-8 once decoded
     raw = text.encode().replace(b"PLACEHOLDER", b"caf\xe9 \xff\xfe")  # raw Latin-1 bytes in a UTF-8 file
@@ -195,6 +199,7 @@ EXPECTED = {  # source id -> (status, reason); ok rows have no reason
     "dup": ("ok", None),
     "a.b.c": ("ok", None), "x/../y/z": ("ok", None), "ünï/😀 id": ("ok", None),
     "surrogate": ("ok", None), "bad-utf8": ("ok", None), "surrogate-path": ("failed", "read_error"),
+    "fifo": ("failed", "not_a_file"), "dir": ("failed", "not_a_file"),
 }
 
 

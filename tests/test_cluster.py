@@ -72,7 +72,9 @@ def test_ray_job_submit_to_a_token_auth_head(tiny_model_config, demo, tmp_path):
                   sys.executable, "-m", "pipeline.cli", "generate", "--no-progress", *generate_args(tiny_model_config, demo, out)]
         for _ in range(20):  # the head's job agent comes up a few seconds after `ray start` returns
             job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
-            if "No available agent" not in job.stdout + job.stderr:
+            said = job.stdout + job.stderr
+            if job.returncode == 0 or not any(m in said for m in ("No available agent", "Connection aborted",
+                                                                   "Connection refused")):
                 break
             time.sleep(3)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]

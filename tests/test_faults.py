@@ -1,7 +1,7 @@
 """Faults a days-long run on preemptible nodes meets: a killed driver, a killed encoder actor,
 an exception inside one unit, a full or read-only disk, a resume with another config.
 
-Faults inside workers come from the test-only hook in pipeline/run.py (MERGEMIX_TEST_FAULTS
+Faults inside workers come from the test-only hook in pipeline/actor.py (MERGEMIX_TEST_FAULTS
 names a folder; files in it make a unit raise, kill its actor once, or park it). Every
 recovered run is compared with an uninterrupted one: same Parquet rows, same tar bytes.
 """
@@ -25,7 +25,9 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import GenerateConfig
-from pipeline.run import FAULTS_ENV, UNIT_RETRIES, generate
+from pipeline.actor import FAULTS_ENV
+from pipeline.distribute import UNIT_RETRIES
+from pipeline.run import generate
 from stages.errors import UserError
 from stages.sample_data import write_sample_data
 from stages.shardcheck import validate_output
@@ -342,3 +344,89 @@ def test_resume_with_another_config_is_refused_and_overwrite_is_explicit(tiny_mo
     redone = generate(GenerateConfig.build(flags(tiny_model_config, demo, out) | {"seed": 6, "overwrite": True}))
     assert redone.ok and redone.units_written == UNITS and validate_output(out) == []
     assert pq.read_table(out / "shards" / "000000.parquet")["lam"] != pq.read_table(reference / "shards" / "000000.parquet")["lam"]
+
+
+# --- units that make no progress -------------------------------------------------------------
+
+
+@pytest.mark.timeout(200)
+def test_a_stalled_unit_is_cancelled_retried_and_the_output_is_identical(tiny_model_config, demo, reference, clean_faults,
+                                                                         tmp_path):
+    (clean_faults / "stall-1").touch()  # the first attempt of unit 1 hangs in the actor for 300 s
+    out = tmp_path / "out"
+    result = generate(GenerateConfig.build(flags(tiny_model_config, demo, out) | {"unit_timeout": 6}))
+    assert result.ok and result.units_written == UNITS
+    assert (clean_faults / "stalled-1").exists() and attempts(clean_faults)[1] == 2
+    assert len(set(attempt_pids(clean_faults, 1))) == 2  # the stuck actor was replaced
+    assert_same_output(out, reference)
+
+
+@pytest.mark.timeout(300)
+def test_a_unit_that_stalls_every_time_is_recorded_and_the_run_ends(tiny_model_config, demo, clean_faults, tmp_path):
+    (clean_faults / "hold-3").touch()
+    out = tmp_path / "out"
+    result = generate(GenerateConfig.build(flags(tiny_model_config, demo, out) | {"unit_timeout": 4}))
+    assert attempts(clean_faults)[3] == 1 + UNIT_RETRIES
+    assert list(result.failed_units) == [3] and result.units_written == UNITS - 1
+    assert result.failed_units[3] == "timeout: no progress for 4 s while in the encoder actor"
+    assert json.loads((out / "run.json").read_text())["failed_units"] == {"3": result.failed_units[3]}
+    assert validate_output(out) == []
+
+
+# --- one run per output ----------------------------------------------------------------------
+
+
+def _start_held_run(tiny_model_config, demo, out, faults, log_path):
+    """A `generate` in its own process, parked in unit 2 once unit 0 is committed."""
+    (faults / "hold-2").touch()
+    log = open(log_path, "w")
+    proc = subprocess.Popen(PYTHON_CLI + cli_args(tiny_model_config, demo, out), env=cli_env(faults), cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 200
+    while not ((out / "shards" / "000000_stats.json").exists() and attempts(faults)[2]):
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the run never reached unit 2"
+        time.sleep(0.1)
+    return proc, log
+
+
+@pytest.mark.timeout(300)
+def test_a_second_run_on_the_same_output_is_refused_naming_the_first(tiny_model_config, demo, reference, tmp_path):
+    out, faults = tmp_path / "out", tmp_path / "faults"
+    faults.mkdir()
+    proc, log = _start_held_run(tiny_model_config, demo, out, faults, tmp_path / "first.log")
+    try:
+        for extra in ({"seed": 6}, {}):  # another config, and the very same command
+            second = run_cli(cli_args(tiny_model_config, demo, out, **extra))
+            assert second.exit_code == 2, second.output[-2000:]
+            last = second.stderr.strip().splitlines()[-1]
+            assert "is being written by another generate" in last and f"pid {proc.pid}" in last, last
+        (faults / "hold-2").unlink()
+        assert proc.wait(timeout=120) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        log.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert_same_output(out, reference)  # the first run's output, untouched by the refused ones
+
+
+@pytest.mark.timeout(300)
+def test_sigint_says_one_line_and_the_rerun_completes(tiny_model_config, demo, reference, tmp_path):
+    out, faults = tmp_path / "out", tmp_path / "faults"
+    faults.mkdir()
+    proc, log = _start_held_run(tiny_model_config, demo, out, faults, tmp_path / "run.log")
+    try:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        log.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = (tmp_path / "run.log").read_text()
+    after = text[text.index("interrupted:"):]
+    assert "Traceback" not in text and "Unhandled error" not in text and len(after.strip().splitlines()) == 1, after
+    assert not (out / ".mergemix-lease.json").exists()  # released on the way out
+    (faults / "hold-2").unlink()
+    rerun = run_cli(cli_args(tiny_model_config, demo, out))
+    assert rerun.exit_code == 0, rerun.output[-3000:]
+    assert_same_output(out, reference)

@@ -125,7 +125,7 @@ def test_resume_completes_an_interrupted_run_and_refuses_other_configs(tiny_mode
     generate(cfg)
     # Interrupt: unit 1 lost its commit marker, unit 2 left a temp file behind.
     (out / "shards" / "000001_stats.json").unlink()
-    (out / "shards" / ".000002.tar.tmp").write_bytes(b"partial")
+    (out / "shards" / ".000002.tar.0123456789ab.tmp").write_bytes(b"partial")
     assert validate_output(out)  # the damage is visible
     result = generate(cfg)
     assert result.units_written == 1 and result.units_skipped == 2

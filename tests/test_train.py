@@ -20,7 +20,7 @@ from schemas.shard import empty_row, sample_key
 from stages.errors import UserError
 from stages.train import CHECKPOINT, LOG, TrainConfig, cosine_with_warmup, evaluate, load_trained, train
 from stages.vlm import ToyVLM, build_adapter
-from stages.writer import PairImages, write_unit
+from stages.writer import PairImages, write_run_files, write_unit
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 50, 220), "yellow": (230, 220, 40), "white": (240, 240, 240), "black": (15, 15, 15)}
@@ -50,6 +50,7 @@ def colour_shards(out: Path, units: int = 4, per_unit: int = 16, size: int = 32,
             ))
             images[key] = PairImages(imgs[i], (imgs[i] * keep + imgs[j] * (1 - keep)).astype(np.uint8), mask)
         write_unit(out, unit, rows, images, image_format="png", fingerprint="colours")
+    write_run_files(out, {"fingerprint": "colours", "units_planned": units})  # a finished output
     return out
 
 

@@ -12,15 +12,9 @@ import pytest
 from PIL import Image
 
 from schemas.shard import FIELDS, SCHEMA_VERSION, sample_key
-from stages.writer import (
-    PairImages,
-    clean_uncommitted,
-    committed_units,
-    encode_image,
-    read_stats,
-    write_run_files,
-    write_unit,
-)
+from stages.outdir import committed_units, read_stats, remove_leftovers
+from stages.storage import LocalStore
+from stages.writer import PairImages, encode_image, write_run_files, write_unit
 from tests.shard_fixtures import GRID, H, W, make_output, synthetic_pair, unit_rows
 
 
@@ -128,18 +122,19 @@ def test_streaming_in_chunks_changes_no_byte(tmp_path, monkeypatch):
 
 def test_a_unit_without_stats_is_not_committed_and_resume_cleans_it(tmp_path):
     make_output(tmp_path, units=(0, 1), run_files=False)
-    sdir = tmp_path / "shards"
-    assert set(committed_units(tmp_path)) == {0, 1}
+    store, sdir = LocalStore(tmp_path), tmp_path / "shards"
+    assert set(committed_units(store)) == {0, 1}
     (sdir / "000001_stats.json").unlink()  # crash after the renames, before the commit marker
     (sdir / ".000002.tar.0123456789ab.tmp").write_bytes(b"partial")  # crash while writing unit 2
     (sdir / "000003.parquet").write_bytes(b"orphan")
-    assert set(committed_units(tmp_path)) == {0}
-    assert read_stats(tmp_path, 1) is None and read_stats(tmp_path, 0)["unit"] == 0
-    removed = clean_uncommitted(tmp_path)
-    assert sorted(p.name for p in removed) == [".000002.tar.0123456789ab.tmp", "000001.parquet", "000001.tar", "000003.parquet"]
+    assert set(committed_units(store)) == {0}
+    assert read_stats(store, 1) is None and read_stats(store, 0)["unit"] == 0
+    removed = remove_leftovers(store, range(4))
+    assert sorted(removed) == ["shards/.000002.tar.0123456789ab.tmp", "shards/000001.parquet", "shards/000001.tar",
+                               "shards/000003.parquet"]
     assert sorted(p.name for p in sdir.iterdir()) == ["000000.parquet", "000000.tar", "000000_stats.json"]
     (sdir / "000000_stats.json").write_text("{not json")  # a torn stats file never counts as committed
-    assert committed_units(tmp_path) == {}
+    assert committed_units(store) == {}
 
 
 def test_a_failing_write_leaves_no_unit_behind(tmp_path):
