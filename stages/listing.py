@@ -261,22 +261,32 @@ def parquet_columns(names: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _list_parquet(path: str, per_unit: int) -> Listing:
+    """Rows from the footer; the digest from the raw bytes of the text columns' chunks (their
+    content as stored, hashed without decoding) and the sizes of the image-bytes chunks."""
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for a bad file
         raise UserError(f"cannot read parquet manifest {path}: {exc}") from None
-    h = hashlib.sha256()
     meta = pf.metadata
-    h.update(str(pf.schema_arrow).encode())
-    h.update(json.dumps([meta.row_group(g).num_rows for g in range(meta.num_row_groups)]).encode())
-    _, text_cols = parquet_columns(pf.schema_arrow.names)
-    try:
-        for batch in pf.iter_batches(batch_size=65536, columns=text_cols):
-            h.update(json.dumps(batch.to_pydict(), ensure_ascii=False, default=str).encode("utf-8", "surrogatepass"))
-    except Exception as exc:
-        raise UserError(f"cannot read parquet manifest {path}: {exc}") from None
+    bytes_col, _ = parquet_columns(pf.schema_arrow.names)
+    h = hashlib.sha256(str(pf.schema_arrow).encode())
+    with open(path, "rb") as f:
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            h.update(f"group {group.num_rows}\n".encode())
+            for c in range(group.num_columns):
+                chunk = group.column(c)
+                h.update(f"{chunk.path_in_schema} {chunk.total_compressed_size}\n".encode())
+                if chunk.path_in_schema.split(".")[0] == bytes_col:
+                    continue
+                start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+                f.seek(start)
+                left = chunk.total_compressed_size
+                while left > 0 and (data := f.read(min(left, CHUNK))):
+                    h.update(data)
+                    left -= len(data)
     units = _Units("parquet", per_unit, source=str(path))
     for row in range(meta.num_rows):
         units.add(row, row + 1)

@@ -91,6 +91,10 @@ def test_parquet_slices_cross_row_groups(tmp_path):
 
     cache = {}
     assert [load_image_bytes(r.image, None, cache) for r in recs] == [bytes([i]) * 5 for i in range(25)]
+    digest = lst.digest
+    pq.write_table(table.set_column(2, "question", pa.array([f"q{i}" for i in range(24)] + ["changed"])), path,
+                   row_group_size=6)
+    assert list_input(str(path), 4).digest != digest
 
 
 def test_folder_and_labels(tmp_path):
