@@ -33,3 +33,29 @@ def make_image(seed: int, size=(80, 60)) -> np.ndarray:
     img[y0 : y0 + h // 3, x0 : x0 + w // 3] = rng.integers(0, 255, size=3)
     img = img + rng.integers(0, 20, size=img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server on 127.0.0.1 (SeaweedFS), one per test session; see tests/s3_server.py."""
+    from tests.s3_server import start
+
+    server = start(tmp_path_factory.mktemp("s3") / "data")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_prefix(s3_server, request) -> str:
+    """A fresh, empty prefix `bucket/test-name-N` on the session's S3 server (one bucket for the
+    session: SeaweedFS gives every bucket volumes of its own)."""
+    import re
+
+    fs = s3_server.filesystem()
+    if not fs.exists("mergemix-tests"):
+        fs.mkdir("mergemix-tests")
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:60].strip("-")
+    prefix, n = f"mergemix-tests/{name}", 0
+    while fs.exists(f"{prefix}-{n}"):
+        n += 1
+    return f"{prefix}-{n}"

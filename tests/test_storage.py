@@ -1,0 +1,84 @@
+"""The output store (stages.storage) behaves the same on local disk, in memory (fsspec) and on
+a real S3 server: listing, atomic writes, aborted writes leave nothing, exclusive create; and
+the lease works on S3 as on disk."""
+from __future__ import annotations
+
+import pytest
+
+from stages.errors import UserError
+from stages.lease import Lease, read_lease
+from stages.storage import FsspecStore, LocalStore, is_transient, open_store
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return LocalStore(tmp_path / "out")
+    if request.param == "memory":
+        return open_store(f"memory://{tmp_path.name}/out")
+    server, prefix = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_prefix")
+    return open_store(f"s3://{prefix}/out", server.storage_options)
+
+
+def test_write_read_list_delete(store):
+    store.makedirs("shards")
+    store.write_bytes("run.json", b"{}")
+    store.write_bytes("shards/000000.tar", b"tar")
+    store.write_bytes("shards/sub/x.tar", b"deeper")
+    assert store.list() == ["run.json"] and store.list("shards") == ["000000.tar"] and store.list("nope") == []
+    assert store.read_bytes("shards/000000.tar") == b"tar" and store.size("shards/000000.tar") == 3
+    assert store.exists("run.json") and not store.exists("index.json")
+    with store.open_read("shards/sub/x.tar") as f:
+        f.seek(2)
+        assert f.read(3) == b"epe"
+    store.delete("run.json")
+    store.delete("run.json")  # already gone: fine
+    assert store.list() == [] and not store.exists("run.json")
+
+
+def test_a_writer_commits_whole_or_leaves_nothing(store):
+    store.makedirs("shards")
+    payload = bytes(range(256)) * (12 * 4096)  # 12 MiB: a multipart upload on S3
+    with store.writer("shards/000001.tar") as f:
+        for i in range(0, len(payload), 1 << 20):
+            f.write(payload[i:i + (1 << 20)])
+    assert store.read_bytes("shards/000001.tar") == payload
+    with pytest.raises(RuntimeError):
+        with store.writer("shards/000002.tar") as f:
+            f.write(payload)
+            raise RuntimeError("the producer failed")
+    assert store.list("shards") == ["000001.tar"]
+
+
+def test_create_exclusive(store):
+    assert store.create_exclusive("lease.json", b"first")
+    assert not store.create_exclusive("lease.json", b"second")
+    assert store.read_bytes("lease.json") == b"first"
+
+
+def test_lease_on_the_store(store):
+    first = Lease(store, "generate", interval=60).acquire()
+    try:
+        with pytest.raises(UserError, match="being written by another generate"):
+            Lease(store, "generate").acquire()
+    finally:
+        first.release()
+    assert read_lease(store) is None
+
+
+def test_transient_errors_are_told_from_facts():
+    class EndpointConnectionError(Exception):
+        pass
+
+    assert is_transient(EndpointConnectionError("Could not connect")) and is_transient(ConnectionResetError())
+    assert is_transient(OSError("An error occurred (SlowDown): Please reduce your request rate"))
+    assert not is_transient(FileNotFoundError("The specified bucket does not exist"))
+    assert not is_transient(PermissionError("Access Denied"))
+
+
+def test_urls_pick_the_store(tmp_path):
+    assert isinstance(open_store(str(tmp_path)), LocalStore)
+    assert open_store(f"file://{tmp_path}").root == tmp_path
+    assert isinstance(open_store("memory://x/y"), FsspecStore)
