@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 # A ViT small enough to run in milliseconds on CPU: 64 px, patch 8 (8x8 = 64 patches), width 64, 4 blocks.
 TINY_MODEL_CONFIG = {
@@ -33,3 +34,15 @@ def make_image(seed: int, size=(80, 60)) -> np.ndarray:
     img[y0 : y0 + h // 3, x0 : x0 + w // 3] = rng.integers(0, 255, size=3)
     img = img + rng.integers(0, 20, size=img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def direct_cls_attention(visual, x, layer):
+    """CLS-row attention of block `layer`, from nn.MultiheadAttention's own weights output."""
+    with torch.no_grad():
+        h = visual._embeds(x)
+        for block in visual.transformer.resblocks[:layer]:
+            h = block(h)
+        block = visual.transformer.resblocks[layer]
+        y = block.ln_1(h)
+        _, weights = block.attn(y, y, y, need_weights=True, average_attn_weights=False)
+    return weights[:, :, 0, 1:].sum(dim=1)  # (B, L)
