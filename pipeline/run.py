@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ from tqdm import tqdm
 
 from pipeline.config import GenerateConfig
 from schemas.shard import SCHEMA_VERSION
-from stages.encoder import load_encoder, model_geometry, resolve_pretrained
+from stages.encoder import load_encoder, resolve_pretrained
+from stages.tower import resolve_tower
 from stages.errors import UserError
 from pipeline import tasks
 from pipeline.tasks import Unit
@@ -122,7 +124,8 @@ class UnitWorker:
         c = GenerateConfig(**cfg)
         # Each actor resolves the weights itself: a tag downloads into its own node's cache.
         encoder = load_encoder(c.model, c.pretrained, merge=c.effective_merge, attn_layer=c.attn_layer,
-                               prop_attn=c.prop_attn, schedule=c.merge_schedule, device=device, precision=c.precision)
+                               prop_attn=c.prop_attn, schedule=c.merge_schedule, device=device, precision=c.precision,
+                               quick_gelu=c.quick_gelu, mean=c.mean, std=c.std)
         describe = {"model": c.model, "pretrained": None if c.pretrained in ("", "none") else c.pretrained, "seed": c.seed,
                     "method": c.method, "lam_mode": c.lam_mode, **encoder.describe()}
         describe.pop("patch_size")
@@ -199,15 +202,19 @@ def generate(cfg: GenerateConfig) -> RunResult:
     out = Path(cfg.output)
     kind = detect_kind(cfg.input)
     image_root = cfg.image_root or default_image_root(cfg.input, kind)
-    image_size, _ = model_geometry(cfg.model)
-    resolve_pretrained(cfg.model, cfg.pretrained)  # fail here, in one line, before any worker starts
+    # The tower and its settings, from configs: an unusable tower or contradicting flags fail here,
+    # in one line, before any worker starts; so do weights that cannot be fetched.
+    tower = resolve_tower(cfg.model, cfg.pretrained, quick_gelu=cfg.quick_gelu, mean=cfg.mean, std=cfg.std)
+    resolve_pretrained(cfg.model, tower.weights)
+    print(tower.summary(), file=sys.stderr)
+    image_size = tower.image_size
     records = read_records(cfg.input, folder_labels=cfg.folder_labels)
     if not records:
         raise UserError(f"{cfg.input} holds no samples")
     # The records (ids, image references, text) are part of the fingerprint: resuming after
     # the input list changed would mix units of two different inputs.
     input_digest = records_digest(records)
-    fingerprint = cfg.fingerprint(input_digest)
+    fingerprint = cfg.fingerprint(input_digest, tower.describe())
     check_output(out, cfg, fingerprint)
     _check_writable(out)
     clean_uncommitted(out)
@@ -244,7 +251,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
             while todo and min(load) < per_actor:
                 a = load.index(min(load))
                 unit = todo.popleft()
-                prepared = prepare.remote(unit, image_size, cfg.resize, image_root)
+                prepared = prepare.remote(unit, image_size, cfg.resize, image_root, tower.pad_rgb, tower.interpolation)
                 pairs = actors[a].make.remote(prepared)
                 # The writer takes the prepared pixels straight from the object store: the actor returns decisions only.
                 in_flight[write.remote(prepared, pairs, str(out), cfg.image_format, cfg.jpeg_quality, fingerprint)] = (unit, a)
@@ -286,6 +293,8 @@ def generate(cfg: GenerateConfig) -> RunResult:
         "input_digest": input_digest,
         "config": cfg.to_dict(),
         "output_config": cfg.output_keys(),
+        "tower": {"model": tower.model, "weights": tower.weights, **tower.describe(), "pad_rgb": list(tower.pad_rgb),
+                  "settings_from": tower.settings_from},
         "schema_version": SCHEMA_VERSION,
         "versions": package_versions(),
         "input_kind": kind,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.pairs import PreparedUnit, UnitPairs, prepare_unit
+from stages.preprocess import CLIP_MEAN_RGB
 from stages.read import InputRecord
 from stages.writer import write_unit
 
@@ -23,8 +24,9 @@ class Unit:
     records: list[InputRecord]
 
 
-def prepare(unit: Unit, image_size, resize: str, image_root: str | None) -> PreparedUnit:
-    return prepare_unit(unit.unit_id, unit.start, unit.records, image_size, resize, image_root)
+def prepare(unit: Unit, image_size, resize: str, image_root: str | None, fill=CLIP_MEAN_RGB,
+            interpolation: str = "bicubic") -> PreparedUnit:
+    return prepare_unit(unit.unit_id, unit.start, unit.records, image_size, resize, image_root, fill, interpolation)
 
 
 def write(unit: PreparedUnit, pairs: UnitPairs, out_dir: str, image_format: str, jpeg_quality: int,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from schemas.shard import empty_row, sample_key
-from stages.preprocess import load_pixels
+from stages.preprocess import CLIP_MEAN_RGB, load_pixels
 from stages.read import InputError, InputRecord, clean_text, load_image_bytes, read_tar_text, tar_handle
 from stages.writer import PairImages
 
@@ -103,8 +103,9 @@ def compose_loser(winner: np.ndarray, partner: np.ndarray, mask: np.ndarray) -> 
 
 
 def prepare_unit(unit_id: int, first_index: int, records: list[InputRecord], image_size: tuple[int, int],
-                 resize: str, image_root: str | None) -> PreparedUnit:
-    """Decode one unit's inputs. Bad input becomes a failed/skipped row, never an exception."""
+                 resize: str, image_root: str | None, fill=CLIP_MEAN_RGB, interpolation: str = "bicubic") -> PreparedUnit:
+    """Decode one unit's inputs. Bad input becomes a failed/skipped row, never an exception.
+    `fill` (pad and transparency colour) and `interpolation` are the tower's (stages.tower)."""
     start = time.perf_counter()
     root = Path(image_root) if image_root else None
     rows, handles = [], {}
@@ -124,7 +125,8 @@ def prepare_unit(unit_id: int, first_index: int, records: list[InputRecord], ima
                 if rec.image is None:
                     row.update(status="skipped", error="no_image: text-only sample")
                 else:
-                    array, orig = load_pixels(load_image_bytes(rec.image, root, handles), image_size, resize)
+                    array, orig = load_pixels(load_image_bytes(rec.image, root, handles), image_size, resize, fill,
+                                              interpolation)
                     pixels[n_ok] = array
                     n_ok += 1
                     row.update(status="ok", orig_size=list(orig))

@@ -256,3 +256,30 @@ def test_cli_one_line_errors(tiny_model_config, demo, tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr and needle in proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_tower_settings_shape_the_pixels_and_the_fingerprint(tiny_model_config, demo, tmp_path):
+    """The pad colour is the tower's mean (int(255 * mean)) and the resize its interpolation,
+    taken here from a model config's preprocess_cfg; both are in run.json and the fingerprint."""
+    from stages.preprocess import load_pixels
+
+    cfg = json.loads(tiny_model_config.read_text()) | {
+        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear"}}
+    model = tmp_path / "mm-tiny-half.json"
+    model.write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    result = generate(config(model, demo / "llava.json", out, image_root=str(demo)))
+    assert result.ok and validate_output(out) == []
+    run = json.loads((out / "run.json").read_text())
+    assert run["tower"] | {"settings_from": None} == {
+        "model": str(model), "weights": None, "activation": "GELU", "norm_mean": [0.5] * 3, "norm_std": [0.5] * 3,
+        "interpolation": "bilinear", "pad_rgb": [127, 127, 127], "settings_from": None}
+    members = tar_members(out)
+    row = next(r for r in read_rows(out).to_pylist() if r["status"] == "ok" and r["orig_size"][0] != r["orig_size"][1])
+    source = (demo / "images" / f"{row['source_id'][5:]}.jpg").read_bytes()
+    winner = decode(members[f"{row['key']}.winner.png"])
+    assert np.array_equal(winner, load_pixels(source, (64, 64), "pad", (127, 127, 127), "bilinear")[0])
+    assert not np.array_equal(winner, load_pixels(source, (64, 64), "pad")[0])  # not the OpenAI pad and bicubic
+    # Other constants for the same local weights: another output, so a resume is refused.
+    with pytest.raises(UserError, match="different configuration"):
+        generate(config(model, demo / "llava.json", out, image_root=str(demo), mean="0.4,0.4,0.4"))
