@@ -38,6 +38,10 @@ Fields (Parquet column == JSON record key; "(h, w)" pairs are 2-element lists):
 | resize_mode        | string          | how the input was fitted to image_size: pad, center-crop, squash |
 | model              | string          | open_clip model name or model-config path used for saliency |
 | pretrained         | string          | pretrained tag or checkpoint path ("" or null for random weights) |
+| activation         | string          | MLP activation of the tower that gave the saliency: QuickGELU or GELU (1.1) |
+| norm_mean          | list<float64>[3]| per-channel mean the tower normalised RGB in [0, 1] with (1.1) |
+| norm_std           | list<float64>[3]| per-channel std of the same normalisation (1.1) |
+| interpolation      | string          | resampling of the resize to image_size: bicubic or bilinear, the tower's (1.1) |
 | merge_total        | int32           | tokens removed by merging (R) |
 | merge_schedule     | list<int32>     | tokens removed per block |
 | attn_layer         | int32           | block whose CLS attention gave the saliency |
@@ -61,7 +65,8 @@ Fields (Parquet column == JSON record key; "(h, w)" pairs are 2-element lists):
 | schema_version     | string          | this contract's version; also in the Parquet file metadata |
 
 Every field is present in every row and record; only key, status, unit, index and
-schema_version are never null. `json_schema()` derives the record's JSON Schema from
+schema_version are never null. Fields marked (1.1) were added in schema 1.1: Parquet files of
+1.0 lack their columns, and readers accept that (a minor version only adds nullable fields). `json_schema()` derives the record's JSON Schema from
 ARROW_SCHEMA; schemas/sample.schema.json is its saved copy for non-Python readers (a test
 keeps it current). Nothing is pickled: Parquet, PNG/JPEG/WebP and JSON only.
 """
@@ -72,7 +77,7 @@ import re
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 # Readers accept any version with the same major number (minor bumps only add nullable fields).
 SCHEMA_MAJOR = SCHEMA_VERSION.split(".")[0]
 PARQUET_VERSION_KEY = b"mergemix.schema_version"
@@ -82,10 +87,12 @@ IMAGE_FORMATS = ("jpg", "png", "webp")
 KEY_RE = re.compile(r"^[0-9]{6}_[0-9]{6}$")
 
 _PAIR = pa.list_(pa.int32(), 2)
+_RGB = pa.list_(pa.float64(), 3)
 
 
-def _f(name: str, typ: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
-    return pa.field(name, typ, nullable=nullable, metadata={"doc": doc})
+def _f(name: str, typ: pa.DataType, doc: str, nullable: bool = True, since: str | None = None) -> pa.Field:
+    """A field; `since` marks a field added by a later minor version (files of older minors lack it)."""
+    return pa.field(name, typ, nullable=nullable, metadata={"doc": doc} | ({"since": since} if since else {}))
 
 
 ARROW_SCHEMA: pa.Schema = pa.schema(
@@ -108,6 +115,10 @@ ARROW_SCHEMA: pa.Schema = pa.schema(
         _f("resize_mode", pa.string(), "how the input was fitted to image_size: pad | center-crop | squash"),
         _f("model", pa.string(), "open_clip model name or model-config path used for saliency"),
         _f("pretrained", pa.string(), "pretrained tag or checkpoint path; empty/null for random weights"),
+        _f("activation", pa.string(), "MLP activation of the saliency tower: QuickGELU | GELU", since="1.1"),
+        _f("norm_mean", _RGB, "per-channel mean the tower normalised RGB in [0, 1] with", since="1.1"),
+        _f("norm_std", _RGB, "per-channel std the tower normalised RGB in [0, 1] with", since="1.1"),
+        _f("interpolation", pa.string(), "resampling of the resize to image_size: bicubic | bilinear", since="1.1"),
         _f("merge_total", pa.int32(), "tokens removed by merging (R)"),
         _f("merge_schedule", pa.list_(pa.int32()), "tokens removed per block"),
         _f("attn_layer", pa.int32(), "block whose CLS attention gave the saliency"),
@@ -237,14 +248,21 @@ def check_schema_version(version: str | None, where: str) -> None:
         )
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".") if part.isdigit())
+
+
 def check_arrow_schema(schema: pa.Schema, where: str) -> None:
-    """Raise ValueError unless a Parquet file's schema carries a readable version and our columns."""
+    """Raise ValueError unless a Parquet file's schema carries a readable version and our
+    columns (those its own minor version already had)."""
     raw = (schema.metadata or {}).get(PARQUET_VERSION_KEY)
-    check_schema_version(raw.decode() if raw else None, where)
-    missing = [f.name for f in ARROW_SCHEMA if f.name not in schema.names]
+    version = raw.decode() if raw else None
+    check_schema_version(version, where)
+    newer = {f.name for f in ARROW_SCHEMA if f.metadata.get(b"since") and _version(f.metadata[b"since"].decode()) > _version(version)}
+    missing = [f.name for f in ARROW_SCHEMA if f.name not in schema.names and f.name not in newer]
     if missing:
         raise ValueError(f"{where} lacks columns {missing}: damaged or not a mergemix shard")
-    wrong = [f.name for f in ARROW_SCHEMA if not schema.field(f.name).type.equals(f.type)]
+    wrong = [f.name for f in ARROW_SCHEMA if f.name in schema.names and not schema.field(f.name).type.equals(f.type)]
     if wrong:
         raise ValueError(f"{where} has wrong column types for {wrong}: damaged or not a mergemix shard")
 

@@ -80,6 +80,7 @@ class MergingEncoder(nn.Module):
             self.schedule = merge_schedule(merge, self.attn_layer, self.num_patches + 1, schedule)
         except ValueError as exc:
             raise UserError(str(exc)) from None
+        self.norm_mean, self.norm_std = [float(v) for v in mean], [float(v) for v in std]  # as given, for the rows
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.autocast_dtype: torch.dtype | None = None
@@ -256,6 +257,10 @@ class MergingEncoder(nn.Module):
             "grid": list(self.grid),
             "image_size": list(self.image_size),
             "patch_size": list(self.patch),
+            "activation": self.activation,
+            "norm_mean": list(self.norm_mean),
+            "norm_std": list(self.norm_std),
+            "interpolation": self.tower.interpolation if self.tower is not None else None,
         }
 
 

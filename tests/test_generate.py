@@ -81,6 +81,8 @@ def test_llava_json_end_to_end(tiny_model_config, demo, tmp_path):
         assert r["lam_hat"] == r["kept_patches"] / 64 and r["margin"] == pytest.approx(1 - r["lam_hat"])
         assert r["kept_patches"] == int(r["lam"] * 64)  # area mode: exactly floor(lam * L)
         assert r["merge_total"] == 16 and sum(r["merge_schedule"]) == 16 and r["attn_layer"] == 2
+        assert r["activation"] == "GELU" and r["interpolation"] == "bicubic"  # the tiny config, random weights
+        assert r["norm_mean"] == [0.48145466, 0.4578275, 0.40821073] and r["norm_std"] == [0.26862954, 0.26130258, 0.27577711]
     run = json.loads((out / "run.json").read_text())
     assert run["fingerprint"] == result.fingerprint and run["totals"]["ok"] == 14
 
@@ -275,7 +277,9 @@ def test_tower_settings_shape_the_pixels_and_the_fingerprint(tiny_model_config, 
         "model": str(model), "weights": None, "activation": "GELU", "norm_mean": [0.5] * 3, "norm_std": [0.5] * 3,
         "interpolation": "bilinear", "pad_rgb": [127, 127, 127], "settings_from": None}
     members = tar_members(out)
-    row = next(r for r in read_rows(out).to_pylist() if r["status"] == "ok" and r["orig_size"][0] != r["orig_size"][1])
+    rows = [r for r in read_rows(out).to_pylist() if r["status"] == "ok"]
+    assert {(r["norm_mean"][0], r["norm_std"][2], r["interpolation"]) for r in rows} == {(0.5, 0.5, "bilinear")}
+    row = next(r for r in rows if r["orig_size"][0] != r["orig_size"][1])
     source = (demo / "images" / f"{row['source_id'][5:]}.jpg").read_bytes()
     winner = decode(members[f"{row['key']}.winner.png"])
     assert np.array_equal(winner, load_pixels(source, (64, 64), "pad", (127, 127, 127), "bilinear")[0])
