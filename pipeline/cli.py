@@ -98,6 +98,7 @@ def _print_summary(result) -> None:
     lines = [
         ("output", str(result.out_dir)),
         ("fingerprint", result.fingerprint),
+        ("tower", result.tower.removeprefix("tower ")),
         ("units", f"{result.units_written} written, {result.units_skipped} already committed, "
                   f"{len(result.failed_units)} failed, {result.units_total} planned"),
         ("inputs this run", f"{done}: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped"),

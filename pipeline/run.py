@@ -8,8 +8,10 @@ of units in flight; pixels move between tasks and actors through Ray's object st
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import os
 import shutil
 import sys
@@ -23,7 +25,7 @@ from tqdm import tqdm
 
 from pipeline.config import GenerateConfig
 from schemas.shard import SCHEMA_VERSION
-from stages.encoder import load_encoder, resolve_pretrained
+from stages.encoder import collect_messages, load_encoder, resolve_pretrained
 from stages.tower import resolve_tower
 from stages.errors import UserError
 from pipeline import tasks
@@ -46,6 +48,7 @@ class RunResult:
     failed_units: dict = field(default_factory=dict)  # unit id -> error
     counts: dict = field(default_factory=dict)
     seconds: float = 0.0
+    tower: str = ""  # the tower line: weights (or random weights), activation, constants
 
     @property
     def ok(self) -> bool:
@@ -123,9 +126,12 @@ class UnitWorker:
         torch.set_num_threads(threads)
         c = GenerateConfig(**cfg)
         # Each actor resolves the weights itself: a tag downloads into its own node's cache.
-        encoder = load_encoder(c.model, c.pretrained, merge=c.effective_merge, attn_layer=c.attn_layer,
-                               prop_attn=c.prop_attn, schedule=c.merge_schedule, device=device, precision=c.precision,
-                               quick_gelu=c.quick_gelu, mean=c.mean, std=c.std)
+        # Warnings of the load (random weights, open_clip's own) go to the driver (load_messages).
+        self.messages: list[str] = []
+        with collect_messages(self.messages):
+            encoder = load_encoder(c.model, c.pretrained, merge=c.effective_merge, attn_layer=c.attn_layer,
+                                   prop_attn=c.prop_attn, schedule=c.merge_schedule, device=device,
+                                   precision=c.precision, quick_gelu=c.quick_gelu, mean=c.mean, std=c.std)
         describe = {"model": c.model, "pretrained": None if c.pretrained in ("", "none") else c.pretrained, "seed": c.seed,
                     "method": c.method, "lam_mode": c.lam_mode, **encoder.describe()}
         describe.pop("patch_size")
@@ -135,6 +141,27 @@ class UnitWorker:
     def make(self, unit: PreparedUnit) -> UnitPairs:
         _injected_fault(unit.unit_id)
         return self.maker.make(unit)
+
+    def load_messages(self) -> list[str]:
+        return self.messages
+
+
+def _print_messages(refs: list, seen: set, timeout: float = 0) -> list:
+    """Print each actor load message not printed yet (the driver's terminal is the only one the
+    user sees; the same warning from every actor prints once). Returns the refs not ready yet."""
+    if not refs:
+        return refs
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    for ref in ready:
+        try:
+            messages = ray.get(ref)
+        except Exception:  # the actor died loading: its units fail and say why
+            continue
+        for message in messages:
+            if message not in seen:
+                seen.add(message)
+                print(f"worker: {message}", file=sys.stderr)
+    return pending
 
 
 # TEST-ONLY fault injection for tests/test_faults.py; inert unless the variable is set.
@@ -181,7 +208,21 @@ def connect(address: str | None) -> None:
         ray.init(log_to_driver=False)  # inside `ray job submit`, or a user-chosen cluster
     else:
         # address="local": start our own Ray even if `ray start` left a cluster address in /tmp/ray.
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+        with _quiet_token_notice():
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+
+
+@contextlib.contextmanager
+def _quiet_token_notice():
+    """A local Ray turns token authentication on and logs a notice (and where it saved a new
+    token) meant for people who run shared clusters; a local run keeps the default, quietly."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -221,7 +262,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
     units = plan_units(records, cfg.samples_per_shard)
     done = committed_units(out)
     todo = deque(u for u in units if u.unit_id not in done)
-    result = RunResult(out, fingerprint, len(units), len(units) - len(todo), 0)
+    result = RunResult(out, fingerprint, len(units), len(units) - len(todo), 0, tower=tower.summary())
 
     connect(cfg.address)
     sizing = size_from_cluster(cfg)
@@ -232,6 +273,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
         .remote(cfg.to_dict(), sizing.device, sizing.threads)
         for _ in range(min(sizing.actors, len(todo)))  # none when every unit is already committed
     ]
+    message_refs, seen_messages = [actor.load_messages.remote() for actor in actors], set()
     prepare = _prepare.options(num_cpus=sizing.task_cpus, max_retries=3)
     write = _write.options(num_cpus=sizing.task_cpus, max_retries=3)
 
@@ -257,6 +299,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
                 in_flight[write.remote(prepared, pairs, str(out), cfg.image_format, cfg.jpeg_quality, fingerprint)] = (unit, a)
                 load[a] += 1
             ready, _ = ray.wait(list(in_flight), num_returns=1)
+            message_refs = _print_messages(message_refs, seen_messages)
             unit, a = in_flight.pop(ready[0])
             load[a] -= 1
             try:
@@ -281,6 +324,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
             bar.set_postfix(failed=counts["failed"], skipped=counts["skipped"], refresh=False)
     finally:
         bar.close()
+        _print_messages(message_refs, seen_messages, timeout=5)
         for actor in actors:
             ray.kill(actor)
     if storage_error:

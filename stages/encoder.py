@@ -12,9 +12,12 @@ attention (O(tokens) per head) instead of the whole N x N map. Both open_clip bl
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -337,3 +340,28 @@ def build_clip(tower: Tower, checkpoint: str | None, device: str | torch.device 
         torch.manual_seed(0)  # random weights are the same in every process: runs stay reproducible
         return open_clip.create_model(tower.name, pretrained=checkpoint, weights_only=True, device=device,
                                       force_preprocess_cfg=settings, quick_gelu=tower.quick_gelu)
+
+
+@contextlib.contextmanager
+def collect_messages(into: list[str]):
+    """Collect the warnings and WARNING+ log records raised in the block (ours, open_clip's)
+    into `into` as one-line strings instead of printing them. Inside a Ray actor they would
+    never reach the user: the actor hands them to the driver, which prints each once."""
+
+    def origin(name: str, path: str) -> str:  # open_clip logs to the root logger: name its package instead
+        return name if name not in ("root", "") else Path(path).parent.name
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            into.append(f"{origin(record.name, record.pathname)}: {record.getMessage()}")
+
+    handler = Collect(level=logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield into
+    finally:
+        root.removeHandler(handler)
+        into.extend(f"{origin('', w.filename)}: {w.category.__name__}: {w.message}" for w in caught)

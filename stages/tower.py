@@ -69,8 +69,7 @@ class Tower:
 
     def summary(self) -> str:
         """One line for the driver: the tower, its weights, activation and constants."""
-        weights = "RANDOM WEIGHTS (--pretrained none: saliency is meaningless for real data)" if self.weights is None \
-            else f"weights {self.weights}"
+        weights = "random weights (--pretrained none)" if self.weights is None else f"weights {self.weights}"
         fmt = lambda v: "(" + ", ".join(f"{x:.8g}" for x in v) + ")"  # noqa: E731
         return (f"tower {self.model}, {weights}: activation {self.activation}, mean {fmt(self.mean)}, "
                 f"std {fmt(self.std)}, {self.interpolation} resize, pad colour {self.pad_rgb} [{self.settings_from}]")

@@ -287,3 +287,25 @@ def test_tower_settings_shape_the_pixels_and_the_fingerprint(tiny_model_config, 
     # Other constants for the same local weights: another output, so a resume is refused.
     with pytest.raises(UserError, match="different configuration"):
         generate(config(model, demo / "llava.json", out, image_root=str(demo), mean="0.4,0.4,0.4"))
+
+
+def test_cli_run_prints_the_tower_and_worker_warnings_once(tiny_model_config, demo, tmp_path):
+    """The driver prints the tower line once; the warnings every encoder actor raises while
+    loading (our random-weights warning, open_clip's own) reach the terminal once each; the
+    summary says random weights; a local run prints no token-authentication notice."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "generate", "--no-progress", "--input", str(demo / "llava.json"),
+         "--image-root", str(demo), "--output", str(out), "--model", str(tiny_model_config), "--pretrained", "none",
+         "--merge", "16", "--samples-per-shard", "5", "--workers", "2"],
+        capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    err = proc.stderr
+    assert err.count("activation GELU, mean (0.48145466, 0.4578275, 0.40821073)") == 1
+    assert err.count("worker: stages.encoder: RANDOM WEIGHTS") == 1  # two actors, one line
+    assert err.count("worker: open_clip: No pretrained weights loaded") == 1
+    assert "Token authentication" not in err and "auth_token" not in err
+    summary = dict(line.split(None, 1) for line in proc.stdout.splitlines() if line.startswith(("tower", "units")))
+    assert "random weights (--pretrained none)" in summary["tower"] and "activation GELU" in summary["tower"]
+    assert summary["units"].startswith("3 written")
