@@ -7,11 +7,19 @@ Output layout (per output directory OUT):
                                    K.winner.<ext>  clean image, the exact pixels the encoder saw
                                    K.loser.<ext>   mixed image, same geometry
                                    K.mask.png      patch-grid mask (gh x gw, L mode), 255 = from the winner
+                                                   (mixup: the winner's blend weight, see below)
                                    K.json          the sample record: the Parquet row as JSON
     OUT/shards/NNNNNN.parquet      one row per INPUT of the unit (ok, failed, skipped), in input order
     OUT/shards/NNNNNN_stats.json   counts, sizes, hashes, timings, fingerprint; written last (commit marker)
     OUT/index.json                 wids-shard-index-v1 over the committed tars
     OUT/run.json                   effective config, fingerprint, package versions, totals, timings
+
+The mask. Every method but mixup selects: each patch of the loser comes whole from the
+winner (255) or from the partner or blurred winner (0), and kept_patches counts the 255s.
+mixup blends every pixel, loser = round(lam * winner + (1 - lam) * partner): no patch comes
+whole from either image, so its mask holds the winner's weight round(255 * lam) on every
+patch and kept_patches is null (lam_hat in area mode is lam). `mask_problem` states the rule;
+the writer and `validate` both apply it.
 
 <ext> is jpg, png or webp (lossless). Keys are `NNNNNN_IIIIII` (unit, position in unit):
 zero-padded, no dots, unique in the output; the input's own id is kept in `source_id`.
@@ -31,7 +39,7 @@ Fields (Parquet column == JSON record key; "(h, w)" pairs are 2-element lists):
 | margin             | float64         | preference margin gamma = 1 - lam_hat |
 | method             | string          | mixing method (mergemix, mergemix-official, mergemix-r, topk, random, mixup, ...) |
 | lam_mode           | string          | how lam_hat was derived: area, paper, fixed |
-| kept_patches       | int32           | patches of the grid taken from the winner (255 in the mask) |
+| kept_patches       | int32           | patches of the grid taken from the winner (255 in the mask); null for mixup |
 | grid               | list<int32>[2]  | patch grid (h, w) of the mask |
 | image_size         | list<int32>[2]  | stored image size (h, w), winner and loser alike |
 | orig_size          | list<int32>[2]  | input image size (h, w) before resizing, after EXIF orientation |
@@ -75,6 +83,7 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
 import pyarrow as pa
 
 SCHEMA_VERSION = "1.1"
@@ -85,6 +94,9 @@ PARQUET_VERSION_KEY = b"mergemix.schema_version"
 STATUSES = ("ok", "failed", "skipped")
 IMAGE_FORMATS = ("jpg", "png", "webp")
 KEY_RE = re.compile(r"^[0-9]{6}_[0-9]{6}$")
+
+# Methods whose loser blends every pixel: the mask holds the winner's weight, not a selection.
+BLEND_METHODS = frozenset({"mixup"})
 
 _PAIR = pa.list_(pa.int32(), 2)
 _RGB = pa.list_(pa.float64(), 3)
@@ -108,7 +120,7 @@ ARROW_SCHEMA: pa.Schema = pa.schema(
         _f("margin", pa.float64(), "preference margin gamma = 1 - lam_hat"),
         _f("method", pa.string(), "mixing method"),
         _f("lam_mode", pa.string(), "how lam_hat was derived: area | paper | fixed"),
-        _f("kept_patches", pa.int32(), "grid patches taken from the winner (255 in the mask)"),
+        _f("kept_patches", pa.int32(), "grid patches taken from the winner (255 in the mask); null for mixup"),
         _f("grid", _PAIR, "patch grid (h, w) of the mask"),
         _f("image_size", _PAIR, "stored image size (h, w) of winner and loser"),
         _f("orig_size", _PAIR, "input image size (h, w) before resizing, after EXIF orientation"),
@@ -265,6 +277,24 @@ def check_arrow_schema(schema: pa.Schema, where: str) -> None:
     wrong = [f.name for f in ARROW_SCHEMA if f.name in schema.names and not schema.field(f.name).type.equals(f.type)]
     if wrong:
         raise ValueError(f"{where} has wrong column types for {wrong}: damaged or not a mergemix shard")
+
+
+def mask_problem(method: str | None, lam: float | None, kept_patches: int | None, mask: np.ndarray) -> str | None:
+    """What is wrong with a stored grid mask (uint8, gh x gw) for its row, or None.
+    Selections: 0 or 255 only, and kept_patches (when given) counts the 255s. Blends (mixup):
+    round(255 * lam) on every patch, and kept_patches null."""
+    if method in BLEND_METHODS:
+        level = None if lam is None else round(255 * lam)  # half to even, as the mixing rounds
+        if level is None or not (mask == level).all():
+            return f"{method} mask must hold round(255 * lam) = {level} on every patch"
+        if kept_patches is not None:
+            return f"{method} blends every patch, kept_patches must be null, got {kept_patches}"
+        return None
+    if not np.isin(mask, (0, 255)).all():
+        return "mask values must be 0 or 255"
+    if kept_patches is not None and int((mask == 255).sum()) != kept_patches:
+        return f"mask keeps {int((mask == 255).sum())} patches, parquet kept_patches is {kept_patches}"
+    return None
 
 
 def validate_row(row: dict) -> list[str]:

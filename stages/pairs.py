@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from schemas.shard import empty_row, sample_key
+from schemas.shard import BLEND_METHODS, empty_row, sample_key
 from stages.preprocess import CLIP_MEAN_RGB, load_pixels
 from stages.read import InputError, InputRecord, clean_text, load_image_bytes, read_tar_text, tar_handle
 from stages.writer import PairImages
@@ -51,7 +51,7 @@ class UnitPairs:
 
     unit_id: int
     rows: list[dict]
-    masks: np.ndarray  # (n_ok, gh, gw) uint8, 255 = patch from the winner
+    masks: np.ndarray  # (n_ok, gh, gw) uint8, 255 = patch from the winner (mixup: its blend weight)
     partners: np.ndarray  # (n_ok,) index of each sample's partner x_j
     losers: np.ndarray | None = None  # (n_ok, H, W, 3), only for methods that are not a patch selection
     timings: dict = field(default_factory=dict)
@@ -212,7 +212,7 @@ class PairMaker:
                 self.describe,
                 partner_key=keys[j], partner_source_id=ok[j]["source_id"], partner_label=ok[j]["label"],
                 lam=float(lam[i]), lam_hat=float(lam_hat[i]), margin=float(1.0 - lam_hat[i]),
-                kept_patches=int((masks[i] == 255).sum()),
+                kept_patches=None if self.method in BLEND_METHODS else int((masks[i] == 255).sum()),
                 saliency=flat_saliency[i].tolist() if flat_saliency is not None else None,
             )
         timings = dict(unit.timings, pairs_s=time.perf_counter() - start)

@@ -19,6 +19,7 @@ from PIL import Image
 from pipeline.config import GenerateConfig
 from pipeline.run import generate
 from stages.errors import UserError
+from stages.mix import METHODS
 from stages.sample_data import write_sample_data
 from stages.shardcheck import validate_output
 from tests.conftest import make_image
@@ -309,3 +310,23 @@ def test_cli_run_prints_the_tower_and_worker_warnings_once(tiny_model_config, de
     summary = dict(line.split(None, 1) for line in proc.stdout.splitlines() if line.startswith(("tower", "units")))
     assert "random weights (--pretrained none)" in summary["tower"] and "activation GELU" in summary["tower"]
     assert summary["units"].startswith("3 written")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_is_written_and_validates(tiny_model_config, demo, tmp_path, method):
+    """Each --method through generate as a new user runs it (jpg): every image ok, validate
+    clean, and preview draws it. A method whose output cannot be written fails here."""
+    from stages.preview import make_contact_sheet
+
+    out = tmp_path / "out"
+    result = generate(config(tiny_model_config, demo / "llava.json", out, image_root=str(demo), method=method,
+                             image_format="jpg"))
+    assert result.ok and result.counts == {"ok": 14, "failed": 0, "skipped": 1}
+    assert validate_output(out) == []
+    rows = [r for r in read_rows(out).to_pylist() if r["status"] == "ok"]
+    assert {r["method"] for r in rows} == {method}
+    if method == "mixup":  # a blend: the mask is the winner's weight, no patch is kept whole
+        assert all(r["kept_patches"] is None and r["lam_hat"] == r["lam"] for r in rows)
+    else:
+        assert all(r["lam_hat"] == r["kept_patches"] / 64 for r in rows)
+    assert make_contact_sheet(out, 3, tmp_path / "preview.png").is_file()
