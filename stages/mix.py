@@ -45,7 +45,7 @@ NEEDS_SALIENCY = frozenset({"mergemix", "mergemix-official", "mergemix-r", "topk
 # partner index determine it exactly (the rest blend, blur or resample pixels).
 PATCH_SELECT = frozenset(METHODS) - {"mixup", "resizemix", "blur"}
 
-RESIZEMIX_SCOPE = (0.1, 0.8)  # box area fraction for resizemix, as in the ResizeMix paper
+RESIZEMIX_SCOPE = (0.1, 0.8)  # resizemix: range of tau, the pasted box's side over the image's (area tau^2), as ResizeMix
 PAPER_TAU = 1e-5  # min-max normalisation guard for lam_hat mode "paper"
 
 
@@ -321,11 +321,13 @@ def gaussian_blur(pixels: Tensor, sigma: float) -> Tensor:
 
 @dataclass
 class MixResult:
-    """Loser images, grid masks and the exact fraction of each image taken from x_i."""
+    """Loser images, grid masks, the exact fraction of each image taken from x_i, and lam."""
 
     loser: Tensor | None  # uint8 (B, H, W, 3); None from make_losers(compose=False) for PATCH_SELECT methods
     mask: Tensor  # uint8 (B, gh, gw): 255 = from x_i, 0 = from partner (mixup: round(lam*255) everywhere)
     kept: Tensor  # float64 (B,): fraction of the image from x_i (exact area; lam for mixup)
+    lam: Tensor | None = None  # float64 (B,): the ratio each loser was made with, to record with it: the
+    # given lam, except where the method's box decides it (resizemix: 1 - pasted area)
 
 
 def _random_grid_scores(keys: Sequence[str], seed: int, purpose: str, n: int, device) -> Tensor:
@@ -343,6 +345,14 @@ def _box(rng: np.random.Generator, gh: int, gw: int, area: float, min_side: int 
     return top, left, bh, bw
 
 
+def _resizemix_box(rng: np.random.Generator, gh: int, gw: int) -> tuple[int, int, int, int]:
+    """ResizeMix's box: the partner shrunk by a side scale tau ~ U(0.1, 0.8), so its area is
+    tau^2 (mean 0.243), pasted whole at a uniform position; sides rounded to whole patches."""
+    tau = rng.uniform(*RESIZEMIX_SCOPE)
+    bh, bw = max(1, round(gh * tau)), max(1, round(gw * tau))
+    return int(rng.integers(0, gh - bh + 1)), int(rng.integers(0, gw - bw + 1)), bh, bw
+
+
 def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tuple[int, int],
                 patch: tuple[int, int], keys: Sequence[str], seed: int, saliency: Tensor | None = None,
                 token_scores: Tensor | None = None, source: Tensor | None = None,
@@ -355,7 +365,8 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
     mergemix-r: random score per merged token, recovered through `source`, top floor(lam*L).
     random: top floor(lam*L) of random patch scores. mixup: round(lam*x_i + (1-lam)*x_j).
     cutmix: a grid-aligned box of area ~(1-lam) from x_j. resizemix: x_j resized (bilinear,
-    antialiased) into a grid-aligned box of area fraction tau ~ U(0.1, 0.8); lam is ignored.
+    antialiased) into a grid-aligned box of side scale tau ~ U(0.1, 0.8) (area tau^2) at a
+    uniform position; the given lam is not used, and MixResult.lam is 1 - the pasted area.
     blur: salient top floor(lam*L) patches kept, the rest replaced by a Gaussian blur of x_i
     itself (sigma defaults to half the larger patch side); no partner pixels are used.
 
@@ -396,7 +407,7 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
         x_j = pixels[partner]
         blend = lam[:, None, None, None] * pixels.double() + (1.0 - lam)[:, None, None, None] * x_j.double()
         level = _to_uint8(lam * 255.0).view(b, 1, 1).expand(b, gh, gw).contiguous()
-        return MixResult(_to_uint8(blend), level, lam.clone())
+        return MixResult(_to_uint8(blend), level, lam.clone(), lam.clone())
 
     extra = None  # pixels used where the mask is 0, when they are not the partner's own
     if method in ("mergemix", "topk", "blur"):
@@ -429,8 +440,7 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
             if method == "cutmix":
                 top, left, bh, bw = _box(rng, gh, gw, 1.0 - float(lam_cpu[i]))
             else:
-                tau = rng.uniform(*RESIZEMIX_SCOPE)
-                top, left, bh, bw = _box(rng, gh, gw, tau, min_side=1)
+                top, left, bh, bw = _resizemix_box(rng, gh, gw)
             grid_mask[i, top:top + bh, left:left + bw] = False
             if method == "resizemix":
                 src_img = pixels[partner[i]].permute(2, 0, 1)[None].float()
@@ -439,7 +449,9 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
                 extra[i, top * ph:(top + bh) * ph, left * pw:(left + bw) * pw] = _to_uint8(small[0].permute(1, 2, 0))
     grid_mask = mask.view(b, gh, gw)
     kept = grid_mask.sum(dim=(1, 2)).double() / n_patches
+    # resizemix draws its own ratio (tau), so the lam to record is the one its box made: 1 - pasted area.
+    lam = kept.clone() if method == "resizemix" else lam.clone()
     if extra is None and not compose:
-        return MixResult(None, grid_mask.to(torch.uint8) * 255, kept)
+        return MixResult(None, grid_mask.to(torch.uint8) * 255, kept, lam)
     loser = mix_pixels(pixels, pixels[partner] if extra is None else extra, upsample_mask(grid_mask, (ph, pw)))
-    return MixResult(loser, grid_mask.to(torch.uint8) * 255, kept)
+    return MixResult(loser, grid_mask.to(torch.uint8) * 255, kept, lam)

@@ -294,7 +294,8 @@ def test_resizemix_puts_resized_partner_in_box():
         box = r.mask[b].numpy() == 0
         rows, cols = np.nonzero(box)
         assert rows.size == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)  # one rectangle
-        assert 0.1 - 0.2 <= rows.size / L <= 0.8 + 0.2  # tau ~ U(0.1, 0.8), rounded to the grid
+        side_h, side_w = (rows.max() - rows.min() + 1) / GRID[0], (cols.max() - cols.min() + 1) / GRID[1]
+        assert 0.1 - 0.5 / GRID[0] <= side_h <= 0.8 + 0.5 / GRID[0] and 0.1 - 0.5 / GRID[1] <= side_w <= 0.8 + 0.5 / GRID[1]
         outside = ~np_upsample(box)
         assert np.array_equal(r.loser[b].numpy()[outside], x_i[b].numpy()[outside])
         t, l = rows.min() * PATCH[0], cols.min() * PATCH[1]
@@ -304,6 +305,22 @@ def test_resizemix_puts_resized_partner_in_box():
         ref = small[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8)
         assert torch.equal(r.loser[b, t:t + bh, l:l + bw], ref)
     assert np.allclose(r.kept.numpy(), 1 - (r.mask == 0).sum((1, 2)).numpy() / L)
+    assert torch.equal(r.lam, r.kept)  # the recorded lam is the box actually pasted, not the unused draw
+
+
+def test_resizemix_tau_is_the_side_scale_so_the_mean_pasted_area_is_e_tau_squared():
+    """tau ~ U(0.1, 0.8) scales the partner's side (ResizeMix, openmixup): pasted area tau^2,
+    E[tau^2] = (0.8^3 - 0.1^3) / (3 * 0.7) = 0.2433 (using tau as the area gave 0.44)."""
+    n, grid = 500, (24, 24)
+    keys = [f"{i:06d}" for i in range(n)]
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (n, *grid, 3), dtype=np.uint8))
+    lam = torch.from_numpy(mix.sample_lams(mix.LamSpec("beta", 1.0), SEED, keys))
+    r = mix.make_losers("resizemix", pixels, torch.from_numpy(mix.derangement(keys, SEED)), lam, grid=grid,
+                        patch=(1, 1), keys=keys, seed=SEED)
+    pasted = (r.mask == 0).double().mean((1, 2))
+    expected = (0.8 ** 3 - 0.1 ** 3) / (3 * 0.7)
+    assert abs(float(pasted.mean()) - expected) < 0.02
+    assert torch.allclose(r.lam, 1 - pasted, rtol=0, atol=1e-12) and torch.equal(r.kept, r.lam)
 
 
 def test_blur_keeps_salient_patches_and_blurs_the_rest_of_the_same_image():
