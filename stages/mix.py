@@ -327,7 +327,7 @@ class MixResult:
     mask: Tensor  # uint8 (B, gh, gw): 255 = from x_i, 0 = from partner (mixup: round(lam*255) everywhere)
     kept: Tensor  # float64 (B,): fraction of the image from x_i (exact area; lam for mixup)
     lam: Tensor | None = None  # float64 (B,): the ratio each loser was made with, to record with it: the
-    # given lam, except where the method's box decides it (resizemix: 1 - pasted area)
+    # given lam, except where the method's box decides it (cutmix, resizemix: the area kept, = kept)
 
 
 def _random_grid_scores(keys: Sequence[str], seed: int, purpose: str, n: int, device) -> Tensor:
@@ -335,14 +335,15 @@ def _random_grid_scores(keys: Sequence[str], seed: int, purpose: str, n: int, de
     return torch.from_numpy(scores).to(device)
 
 
-def _box(rng: np.random.Generator, gh: int, gw: int, area: float, min_side: int = 0) -> tuple[int, int, int, int]:
-    """A grid-aligned box of about `area` (fraction) of the grid, placed inside it uniformly."""
-    side = math.sqrt(area)
-    bh = min(gh, max(min_side, round(gh * side)))
-    bw = min(gw, max(min_side, round(gw * side)))
-    top = int(rng.integers(0, gh - bh + 1))
-    left = int(rng.integers(0, gw - bw + 1))
-    return top, left, bh, bw
+def _cutmix_box(rng: np.random.Generator, gh: int, gw: int, lam: float) -> tuple[int, int, int, int]:
+    """CutMix's box: sides sqrt(1 - lam) of the image's (rounded to whole patches), centred on a
+    patch drawn uniformly over the grid and clipped at the border, so boxes near the edge are
+    cut and the area taken from the partner is at most 1 - lam (the row records the exact area)."""
+    side = math.sqrt(1.0 - lam)
+    bh, bw = round(gh * side), round(gw * side)
+    top, left = int(rng.integers(0, gh)) - bh // 2, int(rng.integers(0, gw)) - bw // 2
+    y0, y1, x0, x1 = max(0, top), min(gh, top + bh), max(0, left), min(gw, left + bw)
+    return y0, x0, max(0, y1 - y0), max(0, x1 - x0)
 
 
 def _resizemix_box(rng: np.random.Generator, gh: int, gw: int) -> tuple[int, int, int, int]:
@@ -364,7 +365,8 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
     mergemix-official: top int(K*lam) merged tokens copied onto their patches.
     mergemix-r: random score per merged token, recovered through `source`, top floor(lam*L).
     random: top floor(lam*L) of random patch scores. mixup: round(lam*x_i + (1-lam)*x_j).
-    cutmix: a grid-aligned box of area ~(1-lam) from x_j. resizemix: x_j resized (bilinear,
+    cutmix: a grid-aligned box of area ~(1-lam) from x_j, centred uniformly over the grid and clipped
+    at the border; MixResult.lam is the area kept after clipping. resizemix: x_j resized (bilinear,
     antialiased) into a grid-aligned box of side scale tau ~ U(0.1, 0.8) (area tau^2) at a
     uniform position; the given lam is not used, and MixResult.lam is 1 - the pasted area.
     blur: salient top floor(lam*L) patches kept, the rest replaced by a Gaussian blur of x_i
@@ -438,7 +440,7 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
         for i, key in enumerate(keys):
             rng = sample_rng(seed, key, method)
             if method == "cutmix":
-                top, left, bh, bw = _box(rng, gh, gw, 1.0 - float(lam_cpu[i]))
+                top, left, bh, bw = _cutmix_box(rng, gh, gw, float(lam_cpu[i]))
             else:
                 top, left, bh, bw = _resizemix_box(rng, gh, gw)
             grid_mask[i, top:top + bh, left:left + bw] = False
@@ -449,8 +451,9 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
                 extra[i, top * ph:(top + bh) * ph, left * pw:(left + bw) * pw] = _to_uint8(small[0].permute(1, 2, 0))
     grid_mask = mask.view(b, gh, gw)
     kept = grid_mask.sum(dim=(1, 2)).double() / n_patches
-    # resizemix draws its own ratio (tau), so the lam to record is the one its box made: 1 - pasted area.
-    lam = kept.clone() if method == "resizemix" else lam.clone()
+    # Where a box decides the ratio, the lam to record is the one it made: 1 - the area taken from the
+    # partner (cutmix: after clipping at the border, as CutMix adjusts lam; resizemix draws its own tau).
+    lam = kept.clone() if method in ("cutmix", "resizemix") else lam.clone()
     if extra is None and not compose:
         return MixResult(None, grid_mask.to(torch.uint8) * 255, kept, lam)
     loser = mix_pixels(pixels, pixels[partner] if extra is None else extra, upsample_mask(grid_mask, (ph, pw)))

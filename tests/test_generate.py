@@ -329,6 +329,6 @@ def test_every_method_is_written_and_validates(tiny_model_config, demo, tmp_path
         assert all(r["kept_patches"] is None and r["lam_hat"] == r["lam"] for r in rows)
     else:
         assert all(r["lam_hat"] == r["kept_patches"] / 64 for r in rows)
-    if method == "resizemix":  # its box decides the ratio: the row's lam is the area kept
+    if method in ("cutmix", "resizemix"):  # the box decides the ratio: the row's lam is the area kept
         assert all(r["lam"] == r["lam_hat"] for r in rows)
     assert make_contact_sheet(out, 3, tmp_path / "preview.png").is_file()

@@ -280,10 +280,37 @@ def test_cutmix_box_is_grid_aligned_and_close_to_lam():
     r = run("cutmix", d)
     for b in range(16):
         rows, cols = np.nonzero(r.mask[b].numpy() == 0)
-        if rows.size:  # the partner region is one full rectangle
-            assert rows.size == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
         side = math.sqrt(1 - float(d["lam"][b]))
-        assert rows.size == min(GRID[0], round(GRID[0] * side)) * min(GRID[1], round(GRID[1] * side))
+        full = (min(GRID[0], round(GRID[0] * side)), min(GRID[1], round(GRID[1] * side)))
+        if rows.size:  # the partner region is one full rectangle, at most the unclipped box
+            h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+            assert rows.size == h * w and h <= full[0] and w <= full[1]
+            inside = rows.min() > 0 and cols.min() > 0 and rows.max() < GRID[0] - 1 and cols.max() < GRID[1] - 1
+            if inside:  # a box that does not reach the border was not clipped
+                assert (h, w) == full
+    assert torch.equal(r.lam, r.kept)  # the recorded lam is the area kept after clipping, as CutMix adjusts it
+
+
+def test_cutmix_centres_are_uniform_so_boxes_reach_the_border_and_are_clipped():
+    """Standard CutMix: the box centre is uniform over the image and the box is clipped at the
+    border, so boxes reach the edges and corners; the kept area is still exact on the grid."""
+    n, grid = 500, (24, 24)
+    keys = [f"{i:06d}" for i in range(n)]
+    pixels = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (n, *grid, 3), dtype=np.uint8))
+    lam = torch.from_numpy(mix.sample_lams(mix.LamSpec("beta", 1.0), SEED, keys))
+    r = mix.make_losers("cutmix", pixels, torch.from_numpy(mix.derangement(keys, SEED)), lam, grid=grid,
+                        patch=(1, 1), keys=keys, seed=SEED)
+    box = r.mask == 0
+    touches = [box[:, 0].any(1), box[:, -1].any(1), box[:, :, 0].any(1), box[:, :, -1].any(1)]
+    assert all(int(t.sum()) > 50 for t in touches)  # every edge is reached (a box kept inside never would be)
+    assert int((box[:, 0, 0] | box[:, 0, -1] | box[:, -1, 0] | box[:, -1, -1]).sum()) > 20  # corners too
+    unclipped = torch.tensor([round(24 * math.sqrt(1 - float(v))) ** 2 for v in lam], dtype=torch.float64)
+    pasted = box.sum((1, 2)).double()
+    assert bool((pasted <= unclipped).all()) and int((pasted < unclipped).sum()) > 100  # clipped, not shifted inside
+    assert torch.allclose(r.kept, 1 - pasted / 576, rtol=0, atol=1e-12)
+    assert torch.equal(r.lam, r.kept)
+    centres = torch.stack([torch.nonzero(m).float().mean(0) for m in box if m.any()])
+    assert abs(float(centres.mean()) - 11.5) < 1.0  # centred over the whole grid on average
 
 
 def test_resizemix_puts_resized_partner_in_box():
