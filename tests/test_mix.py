@@ -367,6 +367,22 @@ def test_blur_keeps_salient_patches_and_blurs_the_rest_of_the_same_image():
     assert torch.equal(mix.gaussian_blur(flat, 2.0), flat)
 
 
+def test_blur_strength_removes_patch_detail_and_keeps_coarse_structure():
+    """The stated strength (sigma = half a patch side): a pattern repeating once per patch is
+    wiped out, one four patches wide keeps most of its contrast (docs/METHOD.md)."""
+    p = 14  # ViT-L/14
+    x = torch.arange(16 * p, dtype=torch.float64)
+
+    def contrast_after_blur(period: float) -> float:
+        wave = (127.5 + 100 * torch.cos(2 * math.pi * x / period)).round().to(torch.uint8)
+        img = wave.view(1, 1, -1, 1).expand(1, 16 * p, -1, 3).contiguous()
+        out = mix.gaussian_blur(img, mix.BLUR_SIGMA_PATCHES * p)[0, :, 4 * p:12 * p, 0].double()  # away from the edges
+        return float(out.max() - out.min()) / 200
+
+    assert contrast_after_blur(p) < 0.03
+    assert 0.6 < contrast_after_blur(4 * p) < 0.85
+
+
 @pytest.mark.parametrize("method", mix.METHODS)
 def test_results_do_not_depend_on_batch_split(method):
     """Masks, losers and ratios for a sample are the same whatever batch it is processed in."""
