@@ -34,7 +34,7 @@ Fields (Parquet column == JSON record key; "(h, w)" pairs are 2-element lists):
 | error              | string          | for failed/skipped rows: `<reason>: <detail>`; `inspect` groups by `<reason>` |
 | partner_key        | string          | key of the image mixed into the loser |
 | partner_source_id  | string          | source_id of that partner |
-| lam                | float64         | sampled mixing ratio |
+| lam                | float64         | sampled mixing ratio (cutmix, resizemix: the area kept, which their box decides) |
 | lam_hat            | float64         | ratio recorded with the pair (see lam_mode) |
 | margin             | float64         | preference margin gamma = 1 - lam_hat |
 | method             | string          | mixing method (mergemix, mergemix-official, mergemix-r, topk, random, mixup, ...) |
@@ -115,7 +115,7 @@ ARROW_SCHEMA: pa.Schema = pa.schema(
         _f("error", pa.string(), "for failed/skipped rows: '<reason>: <detail>'"),
         _f("partner_key", pa.string(), "key of the image mixed into the loser"),
         _f("partner_source_id", pa.string(), "source_id of the partner"),
-        _f("lam", pa.float64(), "sampled mixing ratio"),
+        _f("lam", pa.float64(), "sampled mixing ratio (cutmix, resizemix: the area kept, which their box decides)"),
         _f("lam_hat", pa.float64(), "ratio recorded with the pair (see lam_mode)"),
         _f("margin", pa.float64(), "preference margin gamma = 1 - lam_hat"),
         _f("method", pa.string(), "mixing method"),
