@@ -245,6 +245,10 @@ def test_bad_rows_fail_alone(tiny_model_config, tmp_path):
     assert validate_output(out) == []
 
 
+def _cli_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+
+
 def test_cli_one_line_errors(tiny_model_config, demo, tmp_path):
     exe = [sys.executable, "-m", "pipeline.cli"]
     cases = [
@@ -253,9 +257,18 @@ def test_cli_one_line_errors(tiny_model_config, demo, tmp_path):
         (["generate", "--input", str(demo / "llava.json"), "--output", str(tmp_path / "o"), "--model", "ViT-B-16",
           "--image-root", str(demo)], "--pretrained PATH"),
         (["generate", "--config", str(tmp_path / "missing.yaml")], "config file"),
+        # Towers the method cannot serve, and flags that contradict the weights: refused before any worker starts.
+        (["generate", "--input", str(demo / "llava.json"), "--output", str(tmp_path / "o"), "--model", "ViT-B-16-SigLIP",
+          "--pretrained", "none"], "cannot give MergeMix saliency: its vision tower is the timm model"),
+        (["generate", "--input", str(demo / "llava.json"), "--output", str(tmp_path / "o"), "--no-quick-gelu"],
+         "--no-quick-gelu contradicts tag openai"),
+        (["generate", "--input", str(demo / "llava.json"), "--output", str(tmp_path / "o"), "--model", "hf-hub:nope"],
+         "hf-hub:ORG/REPO"),
+        (["generate", "--input", str(demo / "llava.json"), "--output", str(tmp_path / "o"), "--mean", "0.5,0.5"],
+         "--mean needs three numbers"),
     ]
     for args, needle in cases:
-        proc = subprocess.run(exe + args, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(exe + args, capture_output=True, text=True, timeout=120, env=_cli_env())
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr and needle in proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
@@ -295,7 +308,7 @@ def test_cli_run_prints_the_tower_and_worker_warnings_once(tiny_model_config, de
     loading (our random-weights warning, open_clip's own) reach the terminal once each; the
     summary says random weights; a local run prints no token-authentication notice."""
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env = _cli_env()
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "generate", "--no-progress", "--input", str(demo / "llava.json"),
          "--image-root", str(demo), "--output", str(out), "--model", str(tiny_model_config), "--pretrained", "none",
