@@ -156,11 +156,15 @@ def _model_config(model: str, open_clip=None) -> tuple[str, dict, dict, str]:
             data = json.loads(Path(cfg).read_text())
         except (OSError, ValueError) as exc:
             raise UserError(f"{model}: its open_clip_config.json does not read ({exc})") from None
-        if not isinstance(data, dict) or not isinstance(data.get("model_cfg"), dict):
-            raise UserError(f"{model}: its open_clip_config.json has no model_cfg; is it an open_clip repo?")
+        model_cfg = data.get("model_cfg") if isinstance(data, dict) else None
+        if not isinstance(model_cfg, dict) or not all(k in model_cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+            raise UserError(f"{model}: its open_clip_config.json has no open_clip model_cfg; is it an open_clip repo?")
+        preprocess = data.get("preprocess_cfg") or {}
+        if not isinstance(preprocess, dict):
+            raise UserError(f"{model}: the preprocess_cfg of its open_clip_config.json must be an object")
         name = "hf-hub-" + repo.replace("/", "--")
-        _register(name, data["model_cfg"], open_clip)
-        return name, open_clip.get_model_config(name), data.get("preprocess_cfg") or {}, f"{model}'s open_clip_config.json"
+        _register(name, model_cfg, open_clip)
+        return name, open_clip.get_model_config(name), preprocess, f"{model}'s open_clip_config.json"
     path = Path(model)
     if path.suffix != ".json":
         if model not in open_clip.list_models():
