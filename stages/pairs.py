@@ -202,7 +202,7 @@ class PairMaker:
             saliency=None if grid is None else grid.flatten(1), token_scores=tokens, source=source, compose=False,
         )
         kept = result.kept.double().cpu().numpy()
-        lam = result.lam.double().cpu().numpy()  # where the method's box decides the ratio (resizemix), its own
+        lam = result.lam.double().cpu().numpy()  # where a box decides the ratio (cutmix, resizemix), the one it made
         lam_hat = lam_hats(self.lam_mode, lam, kept, tokens_kept=enc.tokens_kept, num_patches=enc.num_patches,
                            seed=self.seed, keys=keys)
         masks = result.mask.cpu().numpy()

@@ -27,10 +27,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from schemas.shard import (
+    BLEND_METHODS,
     IMAGE_FORMATS,
     SCHEMA_VERSION,
     STATUSES,
-    BLEND_METHODS,
     mask_problem,
     member_name,
     shard_name,
