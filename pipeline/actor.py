@@ -7,6 +7,7 @@ schedules it stays light.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -19,14 +20,18 @@ class UnitWorker:
         import torch
 
         from pipeline.config import GenerateConfig
-        from stages.encoder import load_encoder
+        from stages.encoder import collect_messages, load_encoder
         from stages.pairs import PairMaker
 
         torch.set_num_threads(threads)
         c = GenerateConfig(**cfg)
         # Each actor resolves the weights itself: a tag downloads into its own node's cache.
-        encoder = load_encoder(c.model, c.pretrained, merge=c.effective_merge, attn_layer=c.attn_layer,
-                               prop_attn=c.prop_attn, schedule=c.merge_schedule, device=device, precision=c.precision)
+        # Warnings of the load (random weights, open_clip's own) go to the driver (load_messages).
+        self.messages: list[str] = []
+        with collect_messages(self.messages):
+            encoder = load_encoder(c.model, c.pretrained, merge=c.effective_merge, attn_layer=c.attn_layer,
+                                   prop_attn=c.prop_attn, schedule=c.merge_schedule, device=device,
+                                   precision=c.precision, quick_gelu=c.quick_gelu, mean=c.mean, std=c.std)
         describe = {"model": c.model, "pretrained": None if c.pretrained in ("", "none") else c.pretrained, "seed": c.seed,
                     "method": c.method, "lam_mode": c.lam_mode, **encoder.describe()}
         describe.pop("patch_size")
@@ -36,6 +41,31 @@ class UnitWorker:
     def make(self, unit):
         injected_fault(unit.unit_id)
         return self.maker.make(unit)
+
+    def load_messages(self) -> list[str]:
+        return self.messages
+
+
+class ActorMessages:
+    """Prints each actor's load messages on the driver's terminal (the only one the user sees),
+    each distinct message once however many actors say it."""
+
+    def __init__(self, refs: list):
+        self.refs, self.seen = refs, set()
+
+    def print_new(self, timeout: float = 0) -> None:
+        if not self.refs:
+            return
+        ready, self.refs = ray.wait(self.refs, num_returns=len(self.refs), timeout=timeout)
+        for ref in ready:
+            try:
+                messages = ray.get(ref)
+            except Exception:  # the actor died loading: its units fail and say why
+                continue
+            for message in messages:
+                if message not in self.seen:
+                    self.seen.add(message)
+                    print(f"worker: {message}", file=sys.stderr)
 
 
 # TEST-ONLY fault injection for tests/test_faults.py; inert unless the variable is set.

@@ -50,8 +50,11 @@ def generate(
     output: str = typer.Option(None, "--output", "-o", help="output directory for shards/, run.json, index.json"),
     image_root: str = typer.Option(None, help="directory the input's image paths are relative to (paths may not leave it)"),
     folder_labels: bool = typer.Option(None, "--folder-labels/--no-folder-labels", help="image folder: class subfolders become labels"),
-    model: str = typer.Option(None, help="open_clip model name or model-config JSON [ViT-L-14-336]"),
-    pretrained: str = typer.Option(None, help="open_clip tag, checkpoint PATH, or none (random weights) [openai]"),
+    model: str = typer.Option(None, help="open_clip model name, model-config JSON, or hf-hub:ORG/REPO [ViT-L-14-336]"),
+    pretrained: str = typer.Option(None, help="open_clip tag, checkpoint PATH, or none (random weights) [openai; hf-hub: the repo's]"),
+    quick_gelu: bool = typer.Option(None, "--quick-gelu/--no-quick-gelu", help="a checkpoint trained with QuickGELU MLPs [tag / model config]"),
+    mean: str = typer.Option(None, help="R,G,B mean a checkpoint was trained with [tag / config preprocess_cfg / OpenAI]"),
+    std: str = typer.Option(None, help="R,G,B std a checkpoint was trained with [tag / config preprocess_cfg / OpenAI]"),
     merge: int = typer.Option(None, help="tokens removed by merging before the saliency layer, R [288]"),
     attn_layer: int = typer.Option(None, help="block whose CLS attention is the saliency; negative counts from the end [-2]"),
     prop_attn: bool = typer.Option(None, "--prop-attn/--no-prop-attn", help="proportional attention on merged tokens [off]"),
@@ -96,6 +99,7 @@ def _print_summary(result) -> None:
     lines = [
         ("output", str(result.out_dir)),
         ("fingerprint", result.fingerprint),
+        ("tower", result.tower.removeprefix("tower ")),
         ("units", f"{result.units_written} written, {result.units_skipped} already committed, "
                   f"{len(result.failed_units)} failed, {result.units_total} planned"),
         ("inputs this run", f"{done}: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped"),

@@ -17,6 +17,7 @@ from schemas.shard import IMAGE_FORMATS
 from stages.errors import UserError
 from stages.mix import LAM_MODES, METHODS, parse_lam_spec
 from stages.preprocess import RESIZE_MODES
+from stages.tower import HF_HUB_PREFIX, parse_triple
 
 # Keys that do not change a single output byte: they may differ between a run and its resume.
 RUN_ONLY_KEYS = frozenset({"output", "workers", "batch_size", "address", "overwrite", "config", "device", "progress",
@@ -31,6 +32,10 @@ class GenerateConfig:
     folder_labels: bool = False
     model: str = "ViT-L-14-336"
     pretrained: str = "openai"
+    # How a local checkpoint was trained (None: from the tag, the config, or open_clip's defaults; stages.tower).
+    quick_gelu: bool | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
     merge: int = 288
     attn_layer: int = -2
     prop_attn: bool = False
@@ -60,6 +65,8 @@ class GenerateConfig:
         if flags.get("config"):
             values.update(load_yaml(flags["config"]))
         values.update({k: v for k, v in flags.items() if v is not None})
+        if "pretrained" not in values and str(values.get("model", "")).startswith(HF_HUB_PREFIX):
+            values["pretrained"] = values["model"]  # an hf-hub model brings its own weights, as in open_clip
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -88,6 +95,10 @@ class GenerateConfig:
                 raise UserError(f"--{key.replace('_', '-')} must be >= {low}, got {value}")
         if not self.unit_timeout > 0:
             raise UserError(f"--unit-timeout must be > 0 seconds, got {self.unit_timeout}")
+        if self.mean is not None:
+            self.mean = list(parse_triple(self.mean, "--mean"))
+        if self.std is not None:
+            self.std = list(parse_triple(self.std, "--std", positive=True))
         if not 1 <= self.jpeg_quality <= 100:
             raise UserError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
         if self.image_root is not None and not Path(self.image_root).is_dir():
@@ -111,9 +122,11 @@ class GenerateConfig:
             d.pop("jpeg_quality")
         return d
 
-    def fingerprint(self, input_digest: str = "") -> str:
-        """Hash of everything that shapes the output: these keys and the input's records."""
-        text = json.dumps(self.output_keys() | {"input_digest": input_digest}, sort_keys=True, separators=(",", ":"))
+    def fingerprint(self, input_digest: str = "", tower: dict | None = None) -> str:
+        """Hash of everything that shapes the output: these keys, the input's records and the
+        tower's resolved settings (activation, mean/std, interpolation: stages.tower)."""
+        keys = self.output_keys() | {"input_digest": input_digest} | ({"tower": tower} if tower else {})
+        text = json.dumps(keys, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -12,7 +12,9 @@ object can cost a unit, never the run.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import time
 from collections import deque
@@ -41,7 +43,21 @@ def connect(address: str | None) -> None:
         ray.init(log_to_driver=False)  # inside `ray job submit`, or a user-chosen cluster
     else:
         # address="local": start our own Ray even if `ray start` left a cluster address in /tmp/ray.
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+        with _quiet_token_notice():
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+
+
+@contextlib.contextmanager
+def _quiet_token_notice():
+    """A local Ray turns token authentication on and logs a notice (and where it saved a new
+    token) meant for people who run shared clusters; a local run keeps the default, quietly."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @dataclass
@@ -110,9 +126,9 @@ class Distributor:
 
     def __init__(self, actors: list, submit: Callable, per_actor: int, unit_timeout: float,
                  on_written: Callable = lambda unit, stats: None, on_failed: Callable = lambda unit, reason: None,
-                 lost: Callable[[], bool] = lambda: False):
+                 lost: Callable[[], bool] = lambda: False, on_tick: Callable[[], None] = lambda: None):
         self.actors, self.submit, self.per_actor, self.timeout = actors, submit, per_actor, unit_timeout
-        self.on_written, self.on_failed, self.lost = on_written, on_failed, lost
+        self.on_written, self.on_failed, self.lost, self.on_tick = on_written, on_failed, lost, on_tick
         self.queues: list[deque[Attempt]] = [deque() for _ in actors]  # attempts not past their actor
         self.load = [0] * len(actors)
         self.attempts: dict[int, int] = {}
@@ -135,6 +151,7 @@ class Distributor:
                 for ref in ready:
                     self._advance(self.in_flight.pop(ref), todo, outcome)
                 self._check_clocks(todo, outcome)
+                self.on_tick()
         except BaseException:
             # Interrupted, or the lease is lost: what is in flight is abandoned on purpose, so Ray
             # must not report its errors as unhandled when the refs go away.

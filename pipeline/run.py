@@ -10,6 +10,7 @@ on how many actors run or on which node a unit lands.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,18 +19,19 @@ import ray
 from tqdm import tqdm
 
 from pipeline import tasks
-from pipeline.actor import UnitWorker
+from pipeline.actor import ActorMessages, UnitWorker
 from pipeline.config import GenerateConfig
 from pipeline.distribute import Distributor, connect, size_from_cluster, units_in_flight
 from pipeline.tasks import Unit
 from schemas.layout import INDEX_FILE, SHARDS_DIR
 from schemas.shard import SCHEMA_VERSION
-from stages.encoder import model_geometry, resolve_pretrained
+from stages.encoder import resolve_pretrained
 from stages.errors import UserError
 from stages.lease import Lease
 from stages.listing import default_image_root, detect_kind, list_input
 from stages.outdir import committed_units, read_run_file, remove_leftovers, remove_output
 from stages.storage import open_store
+from stages.tower import resolve_tower
 from stages.writer import package_versions, write_run_files
 
 
@@ -43,6 +45,7 @@ class RunResult:
     failed_units: dict = field(default_factory=dict)  # unit id -> error
     counts: dict = field(default_factory=dict)
     seconds: float = 0.0
+    tower: str = ""  # the tower line: weights (or random weights), activation, constants
 
     @property
     def ok(self) -> bool:
@@ -81,8 +84,11 @@ def generate(cfg: GenerateConfig) -> RunResult:
     store = open_store(cfg.output)
     kind = detect_kind(cfg.input)
     image_root = cfg.image_root or default_image_root(cfg.input, kind)
-    image_size, _ = model_geometry(cfg.model)
-    resolve_pretrained(cfg.model, cfg.pretrained)  # fail here, in one line, before any worker starts
+    # The tower and its settings, from configs: an unusable tower or contradicting flags fail here,
+    # in one line, before any worker starts; so do weights that cannot be fetched.
+    tower = resolve_tower(cfg.model, cfg.pretrained, quick_gelu=cfg.quick_gelu, mean=cfg.mean, std=cfg.std)
+    resolve_pretrained(cfg.model, tower.weights)
+    print(tower.summary(), file=sys.stderr)
     _check_writable(store)
     with Lease(store, "generate") as lease:
         # The records (ids, image references, text) are part of the fingerprint: resuming after
@@ -90,14 +96,15 @@ def generate(cfg: GenerateConfig) -> RunResult:
         listing = list_input(cfg.input, cfg.samples_per_shard, folder_labels=cfg.folder_labels)
         if not listing.count:
             raise UserError(f"{cfg.input} holds no samples")
-        fingerprint = cfg.fingerprint(listing.digest)
+        fingerprint = cfg.fingerprint(listing.digest, tower.describe())
         planned = range(len(listing.slices))
         check_output(store, cfg, fingerprint, planned)
         remove_leftovers(store, planned)
         done = committed_units(store)
         units = [Unit(i, s) for i, s in enumerate(listing.slices) if i not in done]
-        result = RunResult(Path(cfg.output), fingerprint, len(planned), len(planned) - len(units), 0)
-        outcome, sizing = _distribute(cfg, units, image_size, image_root, fingerprint, lease)
+        result = RunResult(Path(cfg.output), fingerprint, len(planned), len(planned) - len(units), 0,
+                           tower=tower.summary())
+        outcome, sizing = _distribute(cfg, units, tower, image_root, fingerprint, lease)
         if outcome.storage_error:
             raise UserError(f"cannot write to {store.url} ({outcome.storage_error}); committed units are kept: "
                             "free space or fix permissions, then rerun the same command to resume")
@@ -111,6 +118,8 @@ def generate(cfg: GenerateConfig) -> RunResult:
             "input_digest": listing.digest,
             "config": cfg.to_dict(),
             "output_config": cfg.output_keys(),
+            "tower": {"model": tower.model, "weights": tower.weights, **tower.describe(),
+                      "pad_rgb": list(tower.pad_rgb), "settings_from": tower.settings_from},
             "schema_version": SCHEMA_VERSION,
             "versions": package_versions(),
             "input_kind": listing.kind,
@@ -124,7 +133,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
     return result
 
 
-def _distribute(cfg: GenerateConfig, units: list[Unit], image_size, image_root, fingerprint: str, lease: Lease):
+def _distribute(cfg: GenerateConfig, units: list[Unit], tower, image_root, fingerprint: str, lease: Lease):
     """Run `units` on Ray; returns (pipeline.distribute.Outcome, the sizing used or None)."""
     from pipeline.distribute import Outcome
 
@@ -140,11 +149,13 @@ def _distribute(cfg: GenerateConfig, units: list[Unit], image_size, image_root, 
         .remote(cfg.to_dict(), sizing.device, sizing.threads)
         for _ in range(min(sizing.actors, len(units)))
     ]
+    # Warnings raised while the actors load (random weights, open_clip's own) reach this terminal once.
+    messages = ActorMessages([actor.load_messages.remote() for actor in actors])
     prepare = _prepare.options(num_cpus=sizing.task_cpus, max_retries=3)
     write = _write.options(num_cpus=sizing.task_cpus, max_retries=3)
 
     def submit(unit: Unit, actor):
-        prepared = prepare.remote(unit, image_size, cfg.resize, image_root)
+        prepared = prepare.remote(unit, tower.image_size, cfg.resize, image_root, tower.pad_rgb, tower.interpolation)
         decided = actor.make.remote(prepared)
         # The writer takes the prepared pixels straight from the object store: the actor returns decisions only.
         return prepared, decided, write.remote(prepared, decided, cfg.output, cfg.image_format, cfg.jpeg_quality,
@@ -162,10 +173,11 @@ def _distribute(cfg: GenerateConfig, units: list[Unit], image_size, image_root, 
 
     distributor = Distributor(actors, submit, units_in_flight(resources, sizing, len(actors)), cfg.unit_timeout,
                               on_written=written, on_failed=lambda unit, reason: bar.update(unit.size),
-                              lost=lease.lost.is_set)
+                              lost=lease.lost.is_set, on_tick=messages.print_new)
     try:
         return distributor.run(units), sizing
     finally:
+        messages.print_new(timeout=5)
         bar.close()
         for actor in actors:
             ray.kill(actor)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from stages.listing import Slice
 from stages.pairs import PreparedUnit, UnitPairs, prepare_unit
+from stages.preprocess import CLIP_MEAN_RGB
 from stages.read import read_slice
 from stages.writer import write_unit
 
@@ -29,9 +30,11 @@ class Unit:
         return self.slice.count
 
 
-def prepare(unit: Unit, image_size, resize: str, image_root: str | None) -> PreparedUnit:
+def prepare(unit: Unit, image_size, resize: str, image_root: str | None, fill=CLIP_MEAN_RGB,
+            interpolation: str = "bicubic") -> PreparedUnit:
     records = read_slice(unit.slice)
-    return prepare_unit(unit.unit_id, unit.slice.first_index, records, image_size, resize, image_root)
+    return prepare_unit(unit.unit_id, unit.slice.first_index, records, image_size, resize, image_root, fill,
+                        interpolation)
 
 
 def write(unit: PreparedUnit, pairs: UnitPairs, out_dir: str, image_format: str, jpeg_quality: int,

@@ -7,11 +7,19 @@ Output layout (per output directory OUT):
                                    K.winner.<ext>  clean image, the exact pixels the encoder saw
                                    K.loser.<ext>   mixed image, same geometry
                                    K.mask.png      patch-grid mask (gh x gw, L mode), 255 = from the winner
+                                                   (mixup: the winner's blend weight, see below)
                                    K.json          the sample record: the Parquet row as JSON
     OUT/shards/NNNNNN.parquet      one row per INPUT of the unit (ok, failed, skipped), in input order
     OUT/shards/NNNNNN_stats.json   counts, sizes, hashes, timings, fingerprint; written last (commit marker)
     OUT/index.json                 wids-shard-index-v1 over the committed tars
     OUT/run.json                   effective config, fingerprint, package versions, totals, timings
+
+The mask. Every method but mixup selects: each patch of the loser comes whole from the
+winner (255) or from the partner or blurred winner (0), and kept_patches counts the 255s.
+mixup blends every pixel, loser = round(lam * winner + (1 - lam) * partner): no patch comes
+whole from either image, so its mask holds the winner's weight round(255 * lam) on every
+patch and kept_patches is null (lam_hat in area mode is lam). `mask_problem` states the rule;
+the writer and `validate` both apply it.
 
 <ext> is jpg, png or webp (lossless). Keys are `NNNNNN_IIIIII` (unit, position in unit):
 zero-padded, no dots, unique in the output; the input's own id is kept in `source_id`.
@@ -26,18 +34,22 @@ Fields (Parquet column == JSON record key; "(h, w)" pairs are 2-element lists):
 | error              | string          | for failed/skipped rows: `<reason>: <detail>`; `inspect` groups by `<reason>` |
 | partner_key        | string          | key of the image mixed into the loser |
 | partner_source_id  | string          | source_id of that partner |
-| lam                | float64         | sampled mixing ratio |
+| lam                | float64         | sampled mixing ratio (cutmix, resizemix: the area kept, which their box decides) |
 | lam_hat            | float64         | ratio recorded with the pair (see lam_mode) |
 | margin             | float64         | preference margin gamma = 1 - lam_hat |
 | method             | string          | mixing method (mergemix, mergemix-official, mergemix-r, topk, random, mixup, ...) |
 | lam_mode           | string          | how lam_hat was derived: area, paper, fixed |
-| kept_patches       | int32           | patches of the grid taken from the winner (255 in the mask) |
+| kept_patches       | int32           | patches of the grid taken from the winner (255 in the mask); null for mixup |
 | grid               | list<int32>[2]  | patch grid (h, w) of the mask |
 | image_size         | list<int32>[2]  | stored image size (h, w), winner and loser alike |
 | orig_size          | list<int32>[2]  | input image size (h, w) before resizing, after EXIF orientation |
 | resize_mode        | string          | how the input was fitted to image_size: pad, center-crop, squash |
 | model              | string          | open_clip model name or model-config path used for saliency |
 | pretrained         | string          | pretrained tag or checkpoint path ("" or null for random weights) |
+| activation         | string          | MLP activation of the tower that gave the saliency: QuickGELU or GELU (1.1) |
+| norm_mean          | list<float64>[3]| per-channel mean the tower normalised RGB in [0, 1] with (1.1) |
+| norm_std           | list<float64>[3]| per-channel std of the same normalisation (1.1) |
+| interpolation      | string          | resampling of the resize to image_size: bicubic or bilinear, the tower's (1.1) |
 | merge_total        | int32           | tokens removed by merging (R) |
 | merge_schedule     | list<int32>     | tokens removed per block |
 | attn_layer         | int32           | block whose CLS attention gave the saliency |
@@ -61,7 +73,8 @@ Fields (Parquet column == JSON record key; "(h, w)" pairs are 2-element lists):
 | schema_version     | string          | this contract's version; also in the Parquet file metadata |
 
 Every field is present in every row and record; only key, status, unit, index and
-schema_version are never null. `json_schema()` derives the record's JSON Schema from
+schema_version are never null. Fields marked (1.1) were added in schema 1.1: Parquet files of
+1.0 lack their columns, and readers accept that (a minor version only adds nullable fields). `json_schema()` derives the record's JSON Schema from
 ARROW_SCHEMA; schemas/sample.schema.json is its saved copy for non-Python readers (a test
 keeps it current). Nothing is pickled: Parquet, PNG/JPEG/WebP and JSON only.
 """
@@ -70,9 +83,10 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 # Readers accept any version with the same major number (minor bumps only add nullable fields).
 SCHEMA_MAJOR = SCHEMA_VERSION.split(".")[0]
 PARQUET_VERSION_KEY = b"mergemix.schema_version"
@@ -81,11 +95,16 @@ STATUSES = ("ok", "failed", "skipped")
 IMAGE_FORMATS = ("jpg", "png", "webp")
 KEY_RE = re.compile(r"^[0-9]{6}_[0-9]{6}$")
 
+# Methods whose loser blends every pixel: the mask holds the winner's weight, not a selection.
+BLEND_METHODS = frozenset({"mixup"})
+
 _PAIR = pa.list_(pa.int32(), 2)
+_RGB = pa.list_(pa.float64(), 3)
 
 
-def _f(name: str, typ: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
-    return pa.field(name, typ, nullable=nullable, metadata={"doc": doc})
+def _f(name: str, typ: pa.DataType, doc: str, nullable: bool = True, since: str | None = None) -> pa.Field:
+    """A field; `since` marks a field added by a later minor version (files of older minors lack it)."""
+    return pa.field(name, typ, nullable=nullable, metadata={"doc": doc} | ({"since": since} if since else {}))
 
 
 ARROW_SCHEMA: pa.Schema = pa.schema(
@@ -96,18 +115,22 @@ ARROW_SCHEMA: pa.Schema = pa.schema(
         _f("error", pa.string(), "for failed/skipped rows: '<reason>: <detail>'"),
         _f("partner_key", pa.string(), "key of the image mixed into the loser"),
         _f("partner_source_id", pa.string(), "source_id of the partner"),
-        _f("lam", pa.float64(), "sampled mixing ratio"),
+        _f("lam", pa.float64(), "sampled mixing ratio (cutmix, resizemix: the area kept, which their box decides)"),
         _f("lam_hat", pa.float64(), "ratio recorded with the pair (see lam_mode)"),
         _f("margin", pa.float64(), "preference margin gamma = 1 - lam_hat"),
         _f("method", pa.string(), "mixing method"),
         _f("lam_mode", pa.string(), "how lam_hat was derived: area | paper | fixed"),
-        _f("kept_patches", pa.int32(), "grid patches taken from the winner (255 in the mask)"),
+        _f("kept_patches", pa.int32(), "grid patches taken from the winner (255 in the mask); null for mixup"),
         _f("grid", _PAIR, "patch grid (h, w) of the mask"),
         _f("image_size", _PAIR, "stored image size (h, w) of winner and loser"),
         _f("orig_size", _PAIR, "input image size (h, w) before resizing, after EXIF orientation"),
         _f("resize_mode", pa.string(), "how the input was fitted to image_size: pad | center-crop | squash"),
         _f("model", pa.string(), "open_clip model name or model-config path used for saliency"),
         _f("pretrained", pa.string(), "pretrained tag or checkpoint path; empty/null for random weights"),
+        _f("activation", pa.string(), "MLP activation of the saliency tower: QuickGELU | GELU", since="1.1"),
+        _f("norm_mean", _RGB, "per-channel mean the tower normalised RGB in [0, 1] with", since="1.1"),
+        _f("norm_std", _RGB, "per-channel std the tower normalised RGB in [0, 1] with", since="1.1"),
+        _f("interpolation", pa.string(), "resampling of the resize to image_size: bicubic | bilinear", since="1.1"),
         _f("merge_total", pa.int32(), "tokens removed by merging (R)"),
         _f("merge_schedule", pa.list_(pa.int32()), "tokens removed per block"),
         _f("attn_layer", pa.int32(), "block whose CLS attention gave the saliency"),
@@ -237,16 +260,41 @@ def check_schema_version(version: str | None, where: str) -> None:
         )
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".") if part.isdigit())
+
+
 def check_arrow_schema(schema: pa.Schema, where: str) -> None:
-    """Raise ValueError unless a Parquet file's schema carries a readable version and our columns."""
+    """Raise ValueError unless a Parquet file's schema carries a readable version and our
+    columns (those its own minor version already had)."""
     raw = (schema.metadata or {}).get(PARQUET_VERSION_KEY)
-    check_schema_version(raw.decode() if raw else None, where)
-    missing = [f.name for f in ARROW_SCHEMA if f.name not in schema.names]
+    version = raw.decode() if raw else None
+    check_schema_version(version, where)
+    newer = {f.name for f in ARROW_SCHEMA if f.metadata.get(b"since") and _version(f.metadata[b"since"].decode()) > _version(version)}
+    missing = [f.name for f in ARROW_SCHEMA if f.name not in schema.names and f.name not in newer]
     if missing:
         raise ValueError(f"{where} lacks columns {missing}: damaged or not a mergemix shard")
-    wrong = [f.name for f in ARROW_SCHEMA if not schema.field(f.name).type.equals(f.type)]
+    wrong = [f.name for f in ARROW_SCHEMA if f.name in schema.names and not schema.field(f.name).type.equals(f.type)]
     if wrong:
         raise ValueError(f"{where} has wrong column types for {wrong}: damaged or not a mergemix shard")
+
+
+def mask_problem(method: str | None, lam: float | None, kept_patches: int | None, mask: np.ndarray) -> str | None:
+    """What is wrong with a stored grid mask (uint8, gh x gw) for its row, or None.
+    Selections: 0 or 255 only, and kept_patches (when given) counts the 255s. Blends (mixup):
+    round(255 * lam) on every patch, and kept_patches null."""
+    if method in BLEND_METHODS:
+        level = None if lam is None else round(255 * lam)  # half to even, as the mixing rounds
+        if level is None or not (mask == level).all():
+            return f"{method} mask must hold round(255 * lam) = {level} on every patch"
+        if kept_patches is not None:
+            return f"{method} blends every patch, kept_patches must be null, got {kept_patches}"
+        return None
+    if not np.isin(mask, (0, 255)).all():
+        return "mask values must be 0 or 255"
+    if kept_patches is not None and int((mask == 255).sum()) != kept_patches:
+        return f"mask keeps {int((mask == 255).sum())} patches, parquet kept_patches is {kept_patches}"
+    return None
 
 
 def validate_row(row: dict) -> list[str]:

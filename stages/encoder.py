@@ -1,7 +1,9 @@
 """A CLIP vision tower with token merging that returns CLS-attention saliency on the patch grid.
 
-`load_encoder` builds any open_clip ViT (model name or model-config JSON; pretrained tag,
-local checkpoint or none) and wraps its vision tower in `MergingEncoder`. The encoder runs
+`load_encoder` builds any open_clip ViT (model name, model-config JSON or hf-hub:ORG/REPO;
+pretrained tag, local checkpoint or none) as open_clip builds it for those weights, with
+their activation and mean/std applied (stages.tower), and wraps its vision tower in
+`MergingEncoder`. The encoder runs
 the tower's own weights block by block, merging tokens (stages.tome) in the blocks before
 the saliency layer, and at the saliency layer computes only the CLS query row of the
 attention (O(tokens) per head) instead of the whole N x N map. Both open_clip block types
@@ -11,10 +13,9 @@ attention (O(tokens) per head) instead of the whole N x N map. Both open_clip bl
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import socket
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -22,11 +23,12 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
 from stages.errors import UserError
 from stages.tome import MergeState, bipartite_merge, merge_schedule
+from stages.tower import OPENAI_MEAN, OPENAI_STD, Tower, resolve_tower
+from stages.tower import model_geometry, resolve_pretrained  # noqa: F401  (pipeline.run imports them from here)
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,8 @@ class MergingEncoder(nn.Module):
         attn_layer: int = -2,
         prop_attn: bool = False,
         schedule: str = "constant",
-        mean: Sequence[float] = OPENAI_DATASET_MEAN,
-        std: Sequence[float] = OPENAI_DATASET_STD,
+        mean: Sequence[float] = OPENAI_MEAN,
+        std: Sequence[float] = OPENAI_STD,
     ):
         super().__init__()
         _check_supported(visual)
@@ -81,9 +83,11 @@ class MergingEncoder(nn.Module):
             self.schedule = merge_schedule(merge, self.attn_layer, self.num_patches + 1, schedule)
         except ValueError as exc:
             raise UserError(str(exc)) from None
+        self.norm_mean, self.norm_std = [float(v) for v in mean], [float(v) for v in std]  # as given, for the rows
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.autocast_dtype: torch.dtype | None = None
+        self.tower: Tower | None = None  # set by load_encoder: what was built, with which settings
         self._staging_buffer: torch.Tensor | None = None
         for p in self.parameters():
             p.requires_grad_(False)
@@ -91,6 +95,11 @@ class MergingEncoder(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.visual.conv1.weight.device
+
+    @property
+    def activation(self) -> str:
+        """The MLP activation the blocks really run ("QuickGELU" or "GELU")."""
+        return type(self.blocks[0].mlp.gelu).__name__
 
     @property
     def tokens_kept(self) -> int:
@@ -251,6 +260,10 @@ class MergingEncoder(nn.Module):
             "grid": list(self.grid),
             "image_size": list(self.image_size),
             "patch_size": list(self.patch),
+            "activation": self.activation,
+            "norm_mean": list(self.norm_mean),
+            "norm_std": list(self.norm_std),
+            "interpolation": self.tower.interpolation if self.tower is not None else None,
         }
 
 
@@ -265,7 +278,9 @@ def _check_supported(visual: nn.Module) -> None:
     if blocks is None or not hasattr(visual, "conv1"):
         raise UserError(f"{type(visual).__name__} is not an open_clip VisionTransformer; token merging needs a ViT tower")
     if getattr(visual, "attn_pool", None) is not None:
-        raise UserError("vision towers with attentional pooling are not supported")
+        raise UserError("vision towers with attentional pooling are not supported: class-token attention is no saliency there")
+    if getattr(visual, "pool_type", "tok") != "tok":
+        raise UserError(f"vision towers pooled by {visual.pool_type!r} are not supported: their class token is never read out")
     attn = blocks[0].attn
     if getattr(attn, "logit_scale", None) is not None:
         raise UserError("scaled-cosine attention towers are not supported")
@@ -286,101 +301,67 @@ def load_encoder(
     schedule: str = "constant",
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    quick_gelu: bool | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> MergingEncoder:
-    """Build the encoder. `model`: open_clip name or path to a model-config JSON;
-    `pretrained`: open_clip tag, local checkpoint path, or None/"none" for random weights."""
-    import open_clip
+    """Build the encoder. `model`: open_clip name, path to a model-config JSON, or
+    hf-hub:ORG/REPO; `pretrained`: open_clip tag, local checkpoint path, None/"none" for
+    random weights (for hf-hub: the model string itself for its repo's weights).
 
+    The tower is the network open_clip builds for these weights with their settings applied
+    (stages.tower): a tag's or hub repo's activation and mean/std; for a local checkpoint or
+    random weights `quick_gelu`, `mean`, `std` say how it was trained (default: the configs)."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    name = _register_model(model, open_clip)
-    checkpoint = resolve_pretrained(model, pretrained)
+    tower = resolve_tower(model, pretrained, quick_gelu=quick_gelu, mean=mean, std=std)
+    checkpoint = resolve_pretrained(model, tower.weights)
     if checkpoint is None:
         log.warning("RANDOM WEIGHTS: %s built with --pretrained none; saliency is meaningless for real data", model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # random weights are the same in every process: runs stay reproducible
-        clip = open_clip.create_model(name, pretrained=checkpoint, weights_only=True)
-    pre = open_clip.get_model_preprocess_cfg(clip)
+    clip = build_clip(tower, checkpoint)
     visual = clip.visual
     del clip  # the text tower is not needed
-    encoder = MergingEncoder(visual, merge, attn_layer, prop_attn, schedule, pre.get("mean", OPENAI_DATASET_MEAN), pre.get("std", OPENAI_DATASET_STD))
+    encoder = MergingEncoder(visual, merge, attn_layer, prop_attn, schedule, tower.mean, tower.std)
+    encoder.tower = tower
     encoder.to(device)
     if torch.device(device).type == "cuda" and precision != "fp32":
         encoder.autocast_dtype = PRECISIONS[precision]
     return encoder
 
 
-def resolve_pretrained(model: str, pretrained: str | None) -> str | None:
-    """A local checkpoint path for `pretrained` (tag downloads go to open_clip's cache), or
-    None for random weights. Run it once in the driver so that an offline machine fails
-    with one clear line before any worker starts."""
+def build_clip(tower: Tower, checkpoint: str | None, device: str | torch.device = "cpu") -> nn.Module:
+    """open_clip's model for `tower`: its config, its activation, `checkpoint` (None: seeded
+    random weights) and its mean/std/interpolation as the model's preprocess config.
+    device="meta" builds the structure only, without allocating or initialising weights."""
     import open_clip
-    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
-    tag = None if pretrained in (None, "", "none") else str(pretrained)
-    if tag is None or Path(tag).is_file():
-        return tag
-    name = _register_model(model, open_clip)
-    if tag not in open_clip.list_pretrained_tags_by_model(name):
-        if Path(tag).suffix or "/" in tag:
-            raise UserError(f"checkpoint {tag} not found; pass --pretrained PATH to an existing file, or --pretrained none")
-        known = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none known"
-        raise UserError(f"{model} has no pretrained tag {tag!r} (tags: {known}); or pass --pretrained PATH or --pretrained none")
-    try:
-        with _hub_offline_unless_reachable():
-            path = download_pretrained(get_pretrained_cfg(name, tag))
-    except Exception as exc:  # hub and url downloads raise many types when offline
-        raise UserError(
-            f"could not get pretrained weights {tag!r} for {model} ({type(exc).__name__}); "
-            "download them where you have network and pass --pretrained PATH, or use --pretrained none for random weights"
-        ) from None
-    if not path:
-        raise UserError(f"no download source for {model} {tag!r}; pass --pretrained PATH or --pretrained none")
-    return path
+    settings = {"mean": tower.mean, "std": tower.std, "interpolation": tower.interpolation}
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)  # random weights are the same in every process: runs stay reproducible
+        return open_clip.create_model(tower.name, pretrained=checkpoint, weights_only=True, device=device,
+                                      force_preprocess_cfg=settings, quick_gelu=tower.quick_gelu)
 
 
 @contextlib.contextmanager
-def _hub_offline_unless_reachable(host: str = "huggingface.co"):
-    """Without network, let the hub answer from its cache at once instead of retrying for a minute."""
-    from huggingface_hub import constants
+def collect_messages(into: list[str]):
+    """Collect the warnings and WARNING+ log records raised in the block (ours, open_clip's)
+    into `into` as one-line strings instead of printing them. Inside a Ray actor they would
+    never reach the user: the actor hands them to the driver, which prints each once."""
 
+    def origin(name: str, path: str) -> str:  # open_clip logs to the root logger: name its package instead
+        return name if name not in ("root", "") else Path(path).parent.name
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            into.append(f"{origin(record.name, record.pathname)}: {record.getMessage()}")
+
+    handler = Collect(level=logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(handler)
     try:
-        socket.getaddrinfo(host, 443)
-        reachable = True
-    except OSError:
-        reachable = False
-    before = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = before or not reachable
-    try:
-        yield
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield into
     finally:
-        constants.HF_HUB_OFFLINE = before
-
-
-def model_geometry(model: str) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(image size, patch size) of an open_clip ViT from its config, without building it."""
-    import open_clip
-
-    vision = open_clip.get_model_config(_register_model(model, open_clip))["vision_cfg"]
-    size, patch = vision.get("image_size", 224), vision.get("patch_size", 16)
-    as_pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
-    return as_pair(size), as_pair(patch)
-
-
-def _register_model(model: str, open_clip) -> str:
-    """Model names pass through; a config JSON is registered with open_clip under its file stem."""
-    path = Path(model)
-    if path.suffix != ".json":
-        if model not in open_clip.list_models():
-            raise UserError(f"unknown open_clip model {model!r}; pass a model name (e.g. ViT-L-14-336) or a model-config JSON path")
-        return model
-    if not path.is_file():
-        raise UserError(f"model config {model} not found")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"model config {model} is not valid JSON: {exc}") from None
-    if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
-        raise UserError(f"model config {model} needs embed_dim, vision_cfg and text_cfg (an open_clip model config)")
-    open_clip.add_model_config(path)
-    return path.stem
+        root.removeHandler(handler)
+        into.extend(f"{origin('', w.filename)}: {w.category.__name__}: {w.message}" for w in caught)

@@ -39,7 +39,8 @@ def _rank_world() -> tuple[int, int]:
 class ShardDataset(IterableDataset):
     """Yields one dict per pair: key, source_id, winner, loser (float32 3 x H x W in [0, 1],
     or normalised), prompt, answer, conversations (parsed list or None), lam, lam_hat,
-    margin, label, partner_key, method (+ mask: float32 1 x gh x gw, 1 = from the winner)."""
+    margin, label, partner_key, method (+ mask: float32 1 x gh x gw, the winner's share of each
+    patch: 1 = from the winner, 0 = not; mixup: about lam on every patch)."""
 
     def __init__(
         self,
@@ -120,7 +121,7 @@ class ShardDataset(IterableDataset):
             "method": rec.get("method"),
         }
         if mask is not None:
-            sample["mask"] = torch.from_numpy((mask == 255).astype(np.float32))[None]
+            sample["mask"] = torch.from_numpy(mask.astype(np.float32) / 255.0)[None]  # mixup: its blend weight
         return sample
 
     def __iter__(self):

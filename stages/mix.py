@@ -45,8 +45,12 @@ NEEDS_SALIENCY = frozenset({"mergemix", "mergemix-official", "mergemix-r", "topk
 # partner index determine it exactly (the rest blend, blur or resample pixels).
 PATCH_SELECT = frozenset(METHODS) - {"mixup", "resizemix", "blur"}
 
-RESIZEMIX_SCOPE = (0.1, 0.8)  # box area fraction for resizemix, as in the ResizeMix paper
+RESIZEMIX_SCOPE = (0.1, 0.8)  # resizemix: range of tau, the pasted box's side over the image's (area tau^2), as ResizeMix
 PAPER_TAU = 1e-5  # min-max normalisation guard for lam_hat mode "paper"
+# blur: Gaussian sigma in patch sides (7 px for ViT-L/14, 8 px for /16). Its response exp(-2 pi^2
+# sigma^2 f^2) keeps 0.7% of detail that repeats once per patch (what one token resolves) and 73% of
+# structure four patches wide: the blurred region loses its detail but keeps layout and colour.
+BLUR_SIGMA_PATCHES = 0.5
 
 
 class MixArgumentError(UserError, ValueError):
@@ -321,11 +325,13 @@ def gaussian_blur(pixels: Tensor, sigma: float) -> Tensor:
 
 @dataclass
 class MixResult:
-    """Loser images, grid masks and the exact fraction of each image taken from x_i."""
+    """Loser images, grid masks, the exact fraction of each image taken from x_i, and lam."""
 
     loser: Tensor | None  # uint8 (B, H, W, 3); None from make_losers(compose=False) for PATCH_SELECT methods
     mask: Tensor  # uint8 (B, gh, gw): 255 = from x_i, 0 = from partner (mixup: round(lam*255) everywhere)
     kept: Tensor  # float64 (B,): fraction of the image from x_i (exact area; lam for mixup)
+    lam: Tensor | None = None  # float64 (B,): the ratio each loser was made with, to record with it: the
+    # given lam, except where the method's box decides it (cutmix, resizemix: the area kept, = kept)
 
 
 def _random_grid_scores(keys: Sequence[str], seed: int, purpose: str, n: int, device) -> Tensor:
@@ -333,14 +339,23 @@ def _random_grid_scores(keys: Sequence[str], seed: int, purpose: str, n: int, de
     return torch.from_numpy(scores).to(device)
 
 
-def _box(rng: np.random.Generator, gh: int, gw: int, area: float, min_side: int = 0) -> tuple[int, int, int, int]:
-    """A grid-aligned box of about `area` (fraction) of the grid, placed inside it uniformly."""
-    side = math.sqrt(area)
-    bh = min(gh, max(min_side, round(gh * side)))
-    bw = min(gw, max(min_side, round(gw * side)))
-    top = int(rng.integers(0, gh - bh + 1))
-    left = int(rng.integers(0, gw - bw + 1))
-    return top, left, bh, bw
+def _cutmix_box(rng: np.random.Generator, gh: int, gw: int, lam: float) -> tuple[int, int, int, int]:
+    """CutMix's box: sides sqrt(1 - lam) of the image's (rounded to whole patches), centred on a
+    patch drawn uniformly over the grid and clipped at the border, so boxes near the edge are
+    cut and the area taken from the partner is at most 1 - lam (the row records the exact area)."""
+    side = math.sqrt(1.0 - lam)
+    bh, bw = round(gh * side), round(gw * side)
+    top, left = int(rng.integers(0, gh)) - bh // 2, int(rng.integers(0, gw)) - bw // 2
+    y0, y1, x0, x1 = max(0, top), min(gh, top + bh), max(0, left), min(gw, left + bw)
+    return y0, x0, max(0, y1 - y0), max(0, x1 - x0)
+
+
+def _resizemix_box(rng: np.random.Generator, gh: int, gw: int) -> tuple[int, int, int, int]:
+    """ResizeMix's box: the partner shrunk by a side scale tau ~ U(0.1, 0.8), so its area is
+    tau^2 (mean 0.243), pasted whole at a uniform position; sides rounded to whole patches."""
+    tau = rng.uniform(*RESIZEMIX_SCOPE)
+    bh, bw = max(1, round(gh * tau)), max(1, round(gw * tau))
+    return int(rng.integers(0, gh - bh + 1)), int(rng.integers(0, gw - bw + 1)), bh, bw
 
 
 def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tuple[int, int],
@@ -354,10 +369,12 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
     mergemix-official: top int(K*lam) merged tokens copied onto their patches.
     mergemix-r: random score per merged token, recovered through `source`, top floor(lam*L).
     random: top floor(lam*L) of random patch scores. mixup: round(lam*x_i + (1-lam)*x_j).
-    cutmix: a grid-aligned box of area ~(1-lam) from x_j. resizemix: x_j resized (bilinear,
-    antialiased) into a grid-aligned box of area fraction tau ~ U(0.1, 0.8); lam is ignored.
+    cutmix: a grid-aligned box of area ~(1-lam) from x_j, centred uniformly over the grid and clipped
+    at the border; MixResult.lam is the area kept after clipping. resizemix: x_j resized (bilinear,
+    antialiased) into a grid-aligned box of side scale tau ~ U(0.1, 0.8) (area tau^2) at a
+    uniform position; the given lam is not used, and MixResult.lam is 1 - the pasted area.
     blur: salient top floor(lam*L) patches kept, the rest replaced by a Gaussian blur of x_i
-    itself (sigma defaults to half the larger patch side); no partner pixels are used.
+    itself (sigma defaults to BLUR_SIGMA_PATCHES = half the larger patch side); no partner pixels.
 
     compose=False: for PATCH_SELECT methods return the masks only (loser None). Their loser is
     x_i on the mask and x_j elsewhere, which whoever holds the pixels composes exactly
@@ -396,7 +413,7 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
         x_j = pixels[partner]
         blend = lam[:, None, None, None] * pixels.double() + (1.0 - lam)[:, None, None, None] * x_j.double()
         level = _to_uint8(lam * 255.0).view(b, 1, 1).expand(b, gh, gw).contiguous()
-        return MixResult(_to_uint8(blend), level, lam.clone())
+        return MixResult(_to_uint8(blend), level, lam.clone(), lam.clone())
 
     extra = None  # pixels used where the mask is 0, when they are not the partner's own
     if method in ("mergemix", "topk", "blur"):
@@ -405,7 +422,7 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
         sal = grid_scores(need(saliency, "saliency"), "saliency")
         mask = topk_patch_mask(sal, lam)
         if method == "blur":
-            sigma = blur_sigma if blur_sigma is not None else max(ph, pw) / 2
+            sigma = blur_sigma if blur_sigma is not None else BLUR_SIGMA_PATCHES * max(ph, pw)
             extra = gaussian_blur(pixels, sigma)
     elif method == "mergemix-official":
         ts, src = need(token_scores, "token_scores"), need(source, "source")
@@ -427,10 +444,9 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
         for i, key in enumerate(keys):
             rng = sample_rng(seed, key, method)
             if method == "cutmix":
-                top, left, bh, bw = _box(rng, gh, gw, 1.0 - float(lam_cpu[i]))
+                top, left, bh, bw = _cutmix_box(rng, gh, gw, float(lam_cpu[i]))
             else:
-                tau = rng.uniform(*RESIZEMIX_SCOPE)
-                top, left, bh, bw = _box(rng, gh, gw, tau, min_side=1)
+                top, left, bh, bw = _resizemix_box(rng, gh, gw)
             grid_mask[i, top:top + bh, left:left + bw] = False
             if method == "resizemix":
                 src_img = pixels[partner[i]].permute(2, 0, 1)[None].float()
@@ -439,7 +455,10 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
                 extra[i, top * ph:(top + bh) * ph, left * pw:(left + bw) * pw] = _to_uint8(small[0].permute(1, 2, 0))
     grid_mask = mask.view(b, gh, gw)
     kept = grid_mask.sum(dim=(1, 2)).double() / n_patches
+    # Where a box decides the ratio, the lam to record is the one it made: 1 - the area taken from the
+    # partner (cutmix: after clipping at the border, as CutMix adjusts lam; resizemix draws its own tau).
+    lam = kept.clone() if method in ("cutmix", "resizemix") else lam.clone()
     if extra is None and not compose:
-        return MixResult(None, grid_mask.to(torch.uint8) * 255, kept)
+        return MixResult(None, grid_mask.to(torch.uint8) * 255, kept, lam)
     loser = mix_pixels(pixels, pixels[partner] if extra is None else extra, upsample_mask(grid_mask, (ph, pw)))
-    return MixResult(loser, grid_mask.to(torch.uint8) * 255, kept)
+    return MixResult(loser, grid_mask.to(torch.uint8) * 255, kept, lam)

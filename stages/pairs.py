@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from schemas.shard import empty_row, sample_key
-from stages.preprocess import load_pixels
+from schemas.shard import BLEND_METHODS, empty_row, sample_key
+from stages.preprocess import CLIP_MEAN_RGB, load_pixels
 from stages.read import InputError, InputRecord, clean_text, close_handles, load_image_bytes
 from stages.writer import PairImages
 
@@ -51,7 +51,7 @@ class UnitPairs:
 
     unit_id: int
     rows: list[dict]
-    masks: np.ndarray  # (n_ok, gh, gw) uint8, 255 = patch from the winner
+    masks: np.ndarray  # (n_ok, gh, gw) uint8, 255 = patch from the winner (mixup: its blend weight)
     partners: np.ndarray  # (n_ok,) index of each sample's partner x_j
     losers: np.ndarray | None = None  # (n_ok, H, W, 3), only for methods that are not a patch selection
     timings: dict = field(default_factory=dict)
@@ -103,8 +103,9 @@ def compose_loser(winner: np.ndarray, partner: np.ndarray, mask: np.ndarray) -> 
 
 
 def prepare_unit(unit_id: int, first_index: int, records: list[InputRecord], image_size: tuple[int, int],
-                 resize: str, image_root: str | None) -> PreparedUnit:
-    """Decode one unit's inputs. Bad input becomes a failed/skipped row, never an exception."""
+                 resize: str, image_root: str | None, fill=CLIP_MEAN_RGB, interpolation: str = "bicubic") -> PreparedUnit:
+    """Decode one unit's inputs. Bad input becomes a failed/skipped row, never an exception.
+    `fill` (pad and transparency colour) and `interpolation` are the tower's (stages.tower)."""
     start = time.perf_counter()
     root = Path(image_root) if image_root else None
     rows, handles = [], {}
@@ -122,7 +123,8 @@ def prepare_unit(unit_id: int, first_index: int, records: list[InputRecord], ima
                 if rec.image is None:
                     row.update(status="skipped", error="no_image: text-only sample")
                 else:
-                    array, orig = load_pixels(load_image_bytes(rec.image, root, handles), image_size, resize)
+                    array, orig = load_pixels(load_image_bytes(rec.image, root, handles), image_size, resize, fill,
+                                              interpolation)
                     pixels[n_ok] = array
                     n_ok += 1
                     row.update(status="ok", orig_size=list(orig))
@@ -196,6 +198,7 @@ class PairMaker:
             saliency=None if grid is None else grid.flatten(1), token_scores=tokens, source=source, compose=False,
         )
         kept = result.kept.double().cpu().numpy()
+        lam = result.lam.double().cpu().numpy()  # where a box decides the ratio (cutmix, resizemix), the one it made
         lam_hat = lam_hats(self.lam_mode, lam, kept, tokens_kept=enc.tokens_kept, num_patches=enc.num_patches,
                            seed=self.seed, keys=keys)
         masks = result.mask.cpu().numpy()
@@ -206,7 +209,7 @@ class PairMaker:
                 self.describe,
                 partner_key=keys[j], partner_source_id=ok[j]["source_id"], partner_label=ok[j]["label"],
                 lam=float(lam[i]), lam_hat=float(lam_hat[i]), margin=float(1.0 - lam_hat[i]),
-                kept_patches=int((masks[i] == 255).sum()),
+                kept_patches=None if self.method in BLEND_METHODS else int((masks[i] == 255).sum()),
                 saliency=flat_saliency[i].tolist() if flat_saliency is not None else None,
             )
         timings = dict(unit.timings, pairs_s=time.perf_counter() - start)

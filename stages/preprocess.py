@@ -2,10 +2,11 @@
 
 decode (refusing decompression bombs before any pixel is decoded) -> EXIF orientation ->
 RGB (transparency composited on the fill colour, 16-bit scaled, CMYK/palette/grey
-converted) -> resize to the encoder geometry by one of three modes:
+converted) -> resize to the encoder geometry (bicubic or bilinear, as the tower's weights
+were trained) by one of three modes:
 
 - pad:         pad to a square with the fill colour, then resize (LLaVA-1.5 does this,
-               with the CLIP mean colour as fill);
+               with the tower's mean colour, int(255 * mean), as fill);
 - center-crop: resize the short side, then crop the centre;
 - squash:      resize straight to the target size, ignoring aspect ratio.
 """
@@ -21,7 +22,8 @@ from stages.read import InputError
 
 RESIZE_MODES = ("pad", "center-crop", "squash")
 MAX_PIXELS = 90_000_000  # refuse larger declared sizes before decoding (decompression bombs)
-CLIP_MEAN_RGB = (122, 116, 104)  # round(255 * CLIP mean): LLaVA's pad colour
+CLIP_MEAN_RGB = (122, 116, 104)  # int(255 * OpenAI CLIP mean), truncated as LLaVA does: the default fill
+RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}  # the interpolations open_clip's tags use
 
 
 def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS, fill=CLIP_MEAN_RGB) -> Image.Image:
@@ -80,29 +82,35 @@ def to_rgb(img: Image.Image, fill=CLIP_MEAN_RGB) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_to(img: Image.Image, size: tuple[int, int], mode: str = "pad", fill=CLIP_MEAN_RGB) -> np.ndarray:
+def resize_to(img: Image.Image, size: tuple[int, int], mode: str = "pad", fill=CLIP_MEAN_RGB,
+              interpolation: str = "bicubic") -> np.ndarray:
     """RGB image -> uint8 array (H, W, 3) of exactly `size` = (H, W)."""
     if mode not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {mode!r}; choose one of {', '.join(RESIZE_MODES)}")
+    if interpolation not in RESAMPLE:
+        raise ValueError(f"unknown interpolation {interpolation!r}; choose one of {', '.join(RESAMPLE)}")
+    resample = RESAMPLE[interpolation]
     th, tw = size
     w, h = img.size
     if mode == "pad":
         side = max(w, h)
         canvas = Image.new("RGB", (side, side), fill)
         canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-        img = canvas.resize((tw, th), Image.BICUBIC)
+        img = canvas.resize((tw, th), resample)
     elif mode == "center-crop":
         scale = max(tw / w, th / h)
         nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
-        img = img.resize((nw, nh), Image.BICUBIC)
+        img = img.resize((nw, nh), resample)
         left, top = (nw - tw) // 2, (nh - th) // 2
         img = img.crop((left, top, left + tw, top + th))
     else:
-        img = img.resize((tw, th), Image.BICUBIC)
+        img = img.resize((tw, th), resample)
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_pixels(data: bytes, size: tuple[int, int], mode: str = "pad") -> tuple[np.ndarray, tuple[int, int]]:
-    """Bytes -> (encoder pixels, original (height, width) after EXIF rotation)."""
-    img = decode_rgb(data)
-    return resize_to(img, size, mode), (img.size[1], img.size[0])
+def load_pixels(data: bytes, size: tuple[int, int], mode: str = "pad", fill=CLIP_MEAN_RGB,
+                interpolation: str = "bicubic") -> tuple[np.ndarray, tuple[int, int]]:
+    """Bytes -> (encoder pixels, original (height, width) after EXIF rotation). `fill` pads and
+    replaces transparency (the tower's mean colour); `interpolation` is the tower's."""
+    img = decode_rgb(data, fill=fill)
+    return resize_to(img, size, mode, fill, interpolation), (img.size[1], img.size[0])

@@ -47,10 +47,16 @@ def _upsample(grid_img: np.ndarray, h: int, w: int) -> np.ndarray:
 
 def mask_overlay(loser: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The loser with the partner's patches tinted red (mask 0) and outlined in white on the
-    partner side (a tint alone is lost on red images); the winner's patches stay as they are."""
-    m = _upsample(mask, *loser.shape[:2]) == 255
+    partner side (a tint alone is lost on red images); the winner's patches stay as they are.
+    A blend mask (mixup: the winner's weight on every patch) tints by the partner's share."""
+    weight = _upsample(mask, *loser.shape[:2])
+    m = weight == 255
     out = loser.astype(np.float32)
     out[~m] = 0.45 * out[~m] + 0.55 * PARTNER_TINT
+    blend = (weight > 0) & ~m
+    if blend.any():  # mixup: the tint follows the partner's share (1 - weight) of each patch
+        share = 0.55 * (1.0 - weight[blend].astype(np.float32) / 255.0)[:, None]
+        out[blend] = (1.0 - share) * loser[blend] + share * PARTNER_TINT
     edge = np.zeros_like(m)
     edge[1:] |= m[:-1]
     edge[:-1] |= m[1:]

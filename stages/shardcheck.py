@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from schemas.shard import FIELDS, SCHEMA_VERSION, sample_key, shard_name, validate_row
+from schemas.shard import FIELDS, SCHEMA_VERSION, mask_problem, sample_key, shard_name, validate_row
 from stages.errors import UserError
 from stages.shardread import ShardRef, decode_image, iter_tar_members, output_shards_dir, read_parquet, split_member
 from schemas.layout import STATS_SUFFIX, parse_tmp_file, parse_unit_file
@@ -87,10 +87,9 @@ def _check_members(tar: str, key: str, row: dict, parts: dict[str, bytes]) -> li
             mask = decode_image(parts["mask.png"], "L")
             if list(mask.shape) != list(row["grid"] or []):
                 problems.append(f"{tar}: {key}.mask.png is {mask.shape}, parquet grid is {row['grid']}")
-            if not np.isin(mask, (0, 255)).all():
-                problems.append(f"{tar}: {key}.mask.png has values other than 0 and 255")
-            elif row["kept_patches"] is not None and int((mask == 255).sum()) != row["kept_patches"]:
-                problems.append(f"{tar}: {key}.mask.png keeps {int((mask == 255).sum())} patches, parquet kept_patches is {row['kept_patches']}")
+            problem = mask_problem(row["method"], row["lam"], row["kept_patches"], mask)
+            if problem:
+                problems.append(f"{tar}: {key}.mask.png: {problem}")
     except (OSError, ValueError) as exc:
         problems.append(f"{tar}: sample {key} has an image that does not decode ({exc})")
     return problems

@@ -25,9 +25,11 @@ from PIL import Image
 
 from schemas.layout import INDEX_FILE, PRODUCER, RUN_FILE, SHARDS_DIR, shard_name, unit_files
 from schemas.shard import (
+    BLEND_METHODS,
     IMAGE_FORMATS,
     SCHEMA_VERSION,
     STATUSES,
+    mask_problem,
     member_name,
     table_from_rows,
 )
@@ -44,7 +46,7 @@ class PairImages:
 
     winner: np.ndarray  # H x W x 3, exactly the pixels the encoder saw
     loser: np.ndarray  # H x W x 3, the mixed image
-    mask: np.ndarray  # gh x gw, 255 = patch from the winner, 0 = from the partner
+    mask: np.ndarray  # gh x gw, 255 = patch from the winner, 0 = from the partner (mixup: round(255 * lam) everywhere)
     saliency: np.ndarray | None = None  # gh x gw float, optional; stored in the row's `saliency`
 
 
@@ -64,7 +66,7 @@ def encode_image(pixels: np.ndarray, image_format: str, jpeg_quality: int = 95) 
     return buf.getvalue()
 
 
-def _check_pair(key: str, pair: PairImages) -> None:
+def _check_pair(key: str, pair: PairImages, method: str | None = None, lam: float | None = None) -> None:
     for name in ("winner", "loser"):
         arr = getattr(pair, name)
         if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
@@ -73,8 +75,9 @@ def _check_pair(key: str, pair: PairImages) -> None:
         raise ValueError(f"{key}: winner {pair.winner.shape} and loser {pair.loser.shape} differ")
     if pair.mask.dtype != np.uint8 or pair.mask.ndim != 2:
         raise ValueError(f"{key}: mask must be uint8 gh x gw, got {pair.mask.dtype} {pair.mask.shape}")
-    if not ((pair.mask == 0) | (pair.mask == 255)).all():
-        raise ValueError(f"{key}: mask values must be 0 or 255")
+    problem = mask_problem(method, lam, None, pair.mask)  # the shard contract's rule (schemas.shard)
+    if problem:
+        raise ValueError(f"{key}: {problem}")
 
 
 def _fill_from_pixels(row: dict, pair: PairImages) -> None:
@@ -82,7 +85,7 @@ def _fill_from_pixels(row: dict, pair: PairImages) -> None:
     derived = {
         "image_size": [int(pair.winner.shape[0]), int(pair.winner.shape[1])],
         "grid": [int(pair.mask.shape[0]), int(pair.mask.shape[1])],
-        "kept_patches": int((pair.mask == 255).sum()),
+        "kept_patches": None if row.get("method") in BLEND_METHODS else int((pair.mask == 255).sum()),
     }
     for name, value in derived.items():
         if row[name] is None:
@@ -126,7 +129,7 @@ def _json_bytes(obj: dict) -> bytes:
 def _encode_pair(row: dict, pair: PairImages, image_format: str, jpeg_quality: int) -> list[tuple[str, bytes]]:
     """Encode one ok sample's images, fill its row's image fields; returns its tar members."""
     key = row["key"]
-    _check_pair(key, pair)
+    _check_pair(key, pair, row.get("method"), row.get("lam"))
     _fill_from_pixels(row, pair)
     encoded = {
         "winner": encode_image(pair.winner, image_format, jpeg_quality),

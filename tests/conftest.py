@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 # A ViT small enough to run in milliseconds on CPU: 64 px, patch 8 (8x8 = 64 patches), width 64, 4 blocks.
 TINY_MODEL_CONFIG = {
@@ -59,3 +60,15 @@ def s3_prefix(s3_server, request) -> str:
     while fs.exists(f"{prefix}-{n}"):
         n += 1
     return f"{prefix}-{n}"
+
+
+def direct_cls_attention(visual, x, layer):
+    """CLS-row attention of block `layer`, from nn.MultiheadAttention's own weights output."""
+    with torch.no_grad():
+        h = visual._embeds(x)
+        for block in visual.transformer.resblocks[:layer]:
+            h = block(h)
+        block = visual.transformer.resblocks[layer]
+        y = block.ln_1(h)
+        _, weights = block.attn(y, y, y, need_weights=True, average_attn_weights=False)
+    return weights[:, :, 0, 1:].sum(dim=1)  # (B, L)

@@ -43,3 +43,27 @@ def test_fingerprint_tracks_only_what_changes_the_output():
     topk = GenerateConfig.build(base | {"method": "topk"})
     assert topk.effective_merge == 0
     assert topk.fingerprint() == GenerateConfig.build(base | {"method": "topk", "merge": 7}).fingerprint()
+
+
+def test_how_a_checkpoint_was_trained_is_config_and_shapes_the_fingerprint(tmp_path):
+    base = {"input": "x.json", "output": "out", "pretrained": "/ckpt.pt"}
+    cfg = GenerateConfig.build(base | {"quick_gelu": True, "mean": "0.5, 0.5,0.5", "std": [0.5, 0.5, 0.5]})
+    assert cfg.quick_gelu is True and cfg.mean == cfg.std == [0.5, 0.5, 0.5]
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("quick-gelu: false\nmean: [0.485, 0.456, 0.406]\n")
+    from_yaml = GenerateConfig.build(base | {"config": str(cfg_file)})
+    assert from_yaml.quick_gelu is False and from_yaml.mean == [0.485, 0.456, 0.406]
+    for bad, needle in [({"mean": "1,2"}, "--mean needs three numbers"), ({"std": "0.2,0,0.2"}, "--std needs three positive")]:
+        with pytest.raises(UserError, match=needle):
+            GenerateConfig.build(base | bad)
+    # The resolved tower settings are part of the fingerprint: the same flags with another activation differ.
+    plain = GenerateConfig.build(base)
+    gelu = {"activation": "GELU", "norm_mean": [0.5] * 3, "norm_std": [0.5] * 3, "interpolation": "bicubic"}
+    assert plain.fingerprint("d", gelu) != plain.fingerprint("d", gelu | {"activation": "QuickGELU"})
+    assert plain.fingerprint("d", gelu) != plain.fingerprint("d", gelu | {"norm_mean": [0.4] * 3})
+    assert plain.fingerprint() != cfg.fingerprint()
+    # An hf-hub model brings its own weights unless --pretrained says otherwise.
+    hub = GenerateConfig.build({"input": "x.json", "output": "out", "model": "hf-hub:org/repo"})
+    assert hub.pretrained == "hf-hub:org/repo"
+    assert GenerateConfig.build({"input": "x.json", "output": "out", "model": "hf-hub:org/repo",
+                                 "pretrained": "none"}).pretrained == "none"

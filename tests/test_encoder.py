@@ -11,7 +11,7 @@ import torch
 from stages.encoder import MergingEncoder, load_encoder
 from stages.errors import UserError
 from stages.tome import MergeState, bipartite_merge, max_merge, merge_schedule
-from tests.conftest import TINY_MODEL_CONFIG
+from tests.conftest import TINY_MODEL_CONFIG, direct_cls_attention
 
 
 def _clip(tmp_path, **vision_overrides):
@@ -39,25 +39,13 @@ def test_unmerged_embedding_matches_stock_open_clip(tmp_path, block_type):
     torch.testing.assert_close(enc.encode_image(x), expected, atol=1e-5, rtol=0)
 
 
-def _direct_cls_attention(visual, x, layer):
-    """CLS-row attention of block `layer`, from nn.MultiheadAttention's own weights output."""
-    with torch.no_grad():
-        h = visual._embeds(x)
-        for block in visual.transformer.resblocks[:layer]:
-            h = block(h)
-        block = visual.transformer.resblocks[layer]
-        y = block.ln_1(h)
-        _, weights = block.attn(y, y, y, need_weights=True, average_attn_weights=False)
-    return weights[:, :, 0, 1:].sum(dim=1)  # (B, L)
-
-
 @pytest.mark.parametrize("layer", [-2, 0, 3])
 def test_unmerged_saliency_matches_direct_attention(tmp_path, layer):
     clip, _ = _clip(tmp_path)
     enc = MergingEncoder(clip.visual, merge=0, attn_layer=layer)
     x = _images()
     sal = enc.saliency(x)
-    expected = _direct_cls_attention(clip.visual, x, layer % 4)
+    expected = direct_cls_attention(clip.visual, x, layer % 4)
     assert sal.grid.shape == (3, 8, 8)
     torch.testing.assert_close(sal.grid.flatten(1), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(sal.token_scores, expected, atol=1e-5, rtol=0)

@@ -19,6 +19,7 @@ from PIL import Image
 from pipeline.config import GenerateConfig
 from pipeline.run import generate
 from stages.errors import UserError
+from stages.mix import METHODS
 from stages.sample_data import write_sample_data
 from stages.shardcheck import validate_output
 from tests.conftest import make_image
@@ -81,6 +82,8 @@ def test_llava_json_end_to_end(tiny_model_config, demo, tmp_path):
         assert r["lam_hat"] == r["kept_patches"] / 64 and r["margin"] == pytest.approx(1 - r["lam_hat"])
         assert r["kept_patches"] == int(r["lam"] * 64)  # area mode: exactly floor(lam * L)
         assert r["merge_total"] == 16 and sum(r["merge_schedule"]) == 16 and r["attn_layer"] == 2
+        assert r["activation"] == "GELU" and r["interpolation"] == "bicubic"  # the tiny config, random weights
+        assert r["norm_mean"] == [0.48145466, 0.4578275, 0.40821073] and r["norm_std"] == [0.26862954, 0.26130258, 0.27577711]
     run = json.loads((out / "run.json").read_text())
     assert run["fingerprint"] == result.fingerprint and run["totals"]["ok"] == 14
 
@@ -242,6 +245,10 @@ def test_bad_rows_fail_alone(tiny_model_config, tmp_path):
     assert validate_output(out) == []
 
 
+def _cli_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+
+
 def test_cli_one_line_errors(tiny_model_config, demo, tmp_path):
     exe = [sys.executable, "-m", "pipeline.cli"]
     cases = [
@@ -250,9 +257,91 @@ def test_cli_one_line_errors(tiny_model_config, demo, tmp_path):
         (["generate", "--input", str(demo / "llava.json"), "--output", str(tmp_path / "o"), "--model", "ViT-B-16",
           "--image-root", str(demo)], "--pretrained PATH"),
         (["generate", "--config", str(tmp_path / "missing.yaml")], "config file"),
+        # Towers the method cannot serve, and flags that contradict the weights: refused before any worker starts.
+        (["generate", "--input", str(demo / "llava.json"), "--output", str(tmp_path / "o"), "--model", "ViT-B-16-SigLIP",
+          "--pretrained", "none"], "cannot give MergeMix saliency: its vision tower is the timm model"),
+        (["generate", "--input", str(demo / "llava.json"), "--output", str(tmp_path / "o"), "--no-quick-gelu"],
+         "--no-quick-gelu contradicts tag openai"),
+        (["generate", "--input", str(demo / "llava.json"), "--output", str(tmp_path / "o"), "--model", "hf-hub:nope"],
+         "hf-hub:ORG/REPO"),
+        (["generate", "--input", str(demo / "llava.json"), "--output", str(tmp_path / "o"), "--mean", "0.5,0.5"],
+         "--mean needs three numbers"),
     ]
     for args, needle in cases:
-        proc = subprocess.run(exe + args, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(exe + args, capture_output=True, text=True, timeout=120, env=_cli_env())
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr and needle in proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_tower_settings_shape_the_pixels_and_the_fingerprint(tiny_model_config, demo, tmp_path):
+    """The pad colour is the tower's mean (int(255 * mean)) and the resize its interpolation,
+    taken here from a model config's preprocess_cfg; both are in run.json and the fingerprint."""
+    from stages.preprocess import load_pixels
+
+    cfg = json.loads(tiny_model_config.read_text()) | {
+        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear"}}
+    model = tmp_path / "mm-tiny-half.json"
+    model.write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    result = generate(config(model, demo / "llava.json", out, image_root=str(demo)))
+    assert result.ok and validate_output(out) == []
+    run = json.loads((out / "run.json").read_text())
+    assert run["tower"] | {"settings_from": None} == {
+        "model": str(model), "weights": None, "activation": "GELU", "norm_mean": [0.5] * 3, "norm_std": [0.5] * 3,
+        "interpolation": "bilinear", "pad_rgb": [127, 127, 127], "settings_from": None}
+    members = tar_members(out)
+    rows = [r for r in read_rows(out).to_pylist() if r["status"] == "ok"]
+    assert {(r["norm_mean"][0], r["norm_std"][2], r["interpolation"]) for r in rows} == {(0.5, 0.5, "bilinear")}
+    row = next(r for r in rows if r["orig_size"][0] != r["orig_size"][1])
+    source = (demo / "images" / f"{row['source_id'][5:]}.jpg").read_bytes()
+    winner = decode(members[f"{row['key']}.winner.png"])
+    assert np.array_equal(winner, load_pixels(source, (64, 64), "pad", (127, 127, 127), "bilinear")[0])
+    assert not np.array_equal(winner, load_pixels(source, (64, 64), "pad")[0])  # not the OpenAI pad and bicubic
+    # Other constants for the same local weights: another output, so a resume is refused.
+    with pytest.raises(UserError, match="different configuration"):
+        generate(config(model, demo / "llava.json", out, image_root=str(demo), mean="0.4,0.4,0.4"))
+
+
+def test_cli_run_prints_the_tower_and_worker_warnings_once(tiny_model_config, demo, tmp_path):
+    """The driver prints the tower line once; the warnings every encoder actor raises while
+    loading (our random-weights warning, open_clip's own) reach the terminal once each; the
+    summary says random weights; a local run prints no token-authentication notice."""
+    out = tmp_path / "out"
+    env = _cli_env()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "generate", "--no-progress", "--input", str(demo / "llava.json"),
+         "--image-root", str(demo), "--output", str(out), "--model", str(tiny_model_config), "--pretrained", "none",
+         "--merge", "16", "--samples-per-shard", "5", "--workers", "2"],
+        capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    err = proc.stderr
+    assert err.count("activation GELU, mean (0.48145466, 0.4578275, 0.40821073)") == 1
+    assert err.count("worker: stages.encoder: RANDOM WEIGHTS") == 1  # two actors, one line
+    assert err.count("worker: open_clip: No pretrained weights loaded") == 1
+    assert "Token authentication" not in err and "auth_token" not in err
+    summary = dict(line.split(None, 1) for line in proc.stdout.splitlines() if line.startswith(("tower", "units")))
+    assert "random weights (--pretrained none)" in summary["tower"] and "activation GELU" in summary["tower"]
+    assert summary["units"].startswith("3 written")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_is_written_and_validates(tiny_model_config, demo, tmp_path, method):
+    """Each --method through generate as a new user runs it (jpg): every image ok, validate
+    clean, and preview draws it. A method whose output cannot be written fails here."""
+    from stages.preview import make_contact_sheet
+
+    out = tmp_path / "out"
+    result = generate(config(tiny_model_config, demo / "llava.json", out, image_root=str(demo), method=method,
+                             image_format="jpg"))
+    assert result.ok and result.counts == {"ok": 14, "failed": 0, "skipped": 1}
+    assert validate_output(out) == []
+    rows = [r for r in read_rows(out).to_pylist() if r["status"] == "ok"]
+    assert {r["method"] for r in rows} == {method}
+    if method == "mixup":  # a blend: the mask is the winner's weight, no patch is kept whole
+        assert all(r["kept_patches"] is None and r["lam_hat"] == r["lam"] for r in rows)
+    else:
+        assert all(r["lam_hat"] == r["kept_patches"] / 64 for r in rows)
+    if method in ("cutmix", "resizemix"):  # the box decides the ratio: the row's lam is the area kept
+        assert all(r["lam"] == r["lam_hat"] for r in rows)
+    assert make_contact_sheet(out, 3, tmp_path / "preview.png").is_file()

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from schemas.shard import SCHEMA_VERSION
 from stages.errors import UserError
 from stages.loader import NORMALIZE, ShardDataset, collate_pairs
 from tests.shard_fixtures import GRID, H, W, make_output, unit_rows
@@ -196,7 +197,7 @@ def test_pyarrow_dataset_over_the_parquet_files(out_png):
     dataset = pads.dataset(files, format="parquet")
     table = dataset.to_table()
     assert table.num_rows == 18
-    assert table.schema.metadata[b"mergemix.schema_version"] == b"1.0"
+    assert table.schema.metadata[b"mergemix.schema_version"] == SCHEMA_VERSION.encode()
     ok = dataset.to_table(columns=["key", "lam_hat"], filter=pc.field("status") == "ok")
     assert ok.num_rows == 12
     failed = dataset.to_table(filter=pc.field("status") == "failed")

@@ -280,10 +280,37 @@ def test_cutmix_box_is_grid_aligned_and_close_to_lam():
     r = run("cutmix", d)
     for b in range(16):
         rows, cols = np.nonzero(r.mask[b].numpy() == 0)
-        if rows.size:  # the partner region is one full rectangle
-            assert rows.size == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
         side = math.sqrt(1 - float(d["lam"][b]))
-        assert rows.size == min(GRID[0], round(GRID[0] * side)) * min(GRID[1], round(GRID[1] * side))
+        full = (min(GRID[0], round(GRID[0] * side)), min(GRID[1], round(GRID[1] * side)))
+        if rows.size:  # the partner region is one full rectangle, at most the unclipped box
+            h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+            assert rows.size == h * w and h <= full[0] and w <= full[1]
+            inside = rows.min() > 0 and cols.min() > 0 and rows.max() < GRID[0] - 1 and cols.max() < GRID[1] - 1
+            if inside:  # a box that does not reach the border was not clipped
+                assert (h, w) == full
+    assert torch.equal(r.lam, r.kept)  # the recorded lam is the area kept after clipping, as CutMix adjusts it
+
+
+def test_cutmix_centres_are_uniform_so_boxes_reach_the_border_and_are_clipped():
+    """Standard CutMix: the box centre is uniform over the image and the box is clipped at the
+    border, so boxes reach the edges and corners; the kept area is still exact on the grid."""
+    n, grid = 500, (24, 24)
+    keys = [f"{i:06d}" for i in range(n)]
+    pixels = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (n, *grid, 3), dtype=np.uint8))
+    lam = torch.from_numpy(mix.sample_lams(mix.LamSpec("beta", 1.0), SEED, keys))
+    r = mix.make_losers("cutmix", pixels, torch.from_numpy(mix.derangement(keys, SEED)), lam, grid=grid,
+                        patch=(1, 1), keys=keys, seed=SEED)
+    box = r.mask == 0
+    touches = [box[:, 0].any(1), box[:, -1].any(1), box[:, :, 0].any(1), box[:, :, -1].any(1)]
+    assert all(int(t.sum()) > 50 for t in touches)  # every edge is reached (a box kept inside never would be)
+    assert int((box[:, 0, 0] | box[:, 0, -1] | box[:, -1, 0] | box[:, -1, -1]).sum()) > 20  # corners too
+    unclipped = torch.tensor([round(24 * math.sqrt(1 - float(v))) ** 2 for v in lam], dtype=torch.float64)
+    pasted = box.sum((1, 2)).double()
+    assert bool((pasted <= unclipped).all()) and int((pasted < unclipped).sum()) > 100  # clipped, not shifted inside
+    assert torch.allclose(r.kept, 1 - pasted / 576, rtol=0, atol=1e-12)
+    assert torch.equal(r.lam, r.kept)
+    centres = torch.stack([torch.nonzero(m).float().mean(0) for m in box if m.any()])
+    assert abs(float(centres.mean()) - 11.5) < 1.0  # centred over the whole grid on average
 
 
 def test_resizemix_puts_resized_partner_in_box():
@@ -294,7 +321,8 @@ def test_resizemix_puts_resized_partner_in_box():
         box = r.mask[b].numpy() == 0
         rows, cols = np.nonzero(box)
         assert rows.size == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)  # one rectangle
-        assert 0.1 - 0.2 <= rows.size / L <= 0.8 + 0.2  # tau ~ U(0.1, 0.8), rounded to the grid
+        side_h, side_w = (rows.max() - rows.min() + 1) / GRID[0], (cols.max() - cols.min() + 1) / GRID[1]
+        assert 0.1 - 0.5 / GRID[0] <= side_h <= 0.8 + 0.5 / GRID[0] and 0.1 - 0.5 / GRID[1] <= side_w <= 0.8 + 0.5 / GRID[1]
         outside = ~np_upsample(box)
         assert np.array_equal(r.loser[b].numpy()[outside], x_i[b].numpy()[outside])
         t, l = rows.min() * PATCH[0], cols.min() * PATCH[1]
@@ -304,6 +332,22 @@ def test_resizemix_puts_resized_partner_in_box():
         ref = small[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8)
         assert torch.equal(r.loser[b, t:t + bh, l:l + bw], ref)
     assert np.allclose(r.kept.numpy(), 1 - (r.mask == 0).sum((1, 2)).numpy() / L)
+    assert torch.equal(r.lam, r.kept)  # the recorded lam is the box actually pasted, not the unused draw
+
+
+def test_resizemix_tau_is_the_side_scale_so_the_mean_pasted_area_is_e_tau_squared():
+    """tau ~ U(0.1, 0.8) scales the partner's side (ResizeMix, openmixup): pasted area tau^2,
+    E[tau^2] = (0.8^3 - 0.1^3) / (3 * 0.7) = 0.2433 (using tau as the area gave 0.44)."""
+    n, grid = 500, (24, 24)
+    keys = [f"{i:06d}" for i in range(n)]
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (n, *grid, 3), dtype=np.uint8))
+    lam = torch.from_numpy(mix.sample_lams(mix.LamSpec("beta", 1.0), SEED, keys))
+    r = mix.make_losers("resizemix", pixels, torch.from_numpy(mix.derangement(keys, SEED)), lam, grid=grid,
+                        patch=(1, 1), keys=keys, seed=SEED)
+    pasted = (r.mask == 0).double().mean((1, 2))
+    expected = (0.8 ** 3 - 0.1 ** 3) / (3 * 0.7)
+    assert abs(float(pasted.mean()) - expected) < 0.02
+    assert torch.allclose(r.lam, 1 - pasted, rtol=0, atol=1e-12) and torch.equal(r.kept, r.lam)
 
 
 def test_blur_keeps_salient_patches_and_blurs_the_rest_of_the_same_image():
@@ -321,6 +365,22 @@ def test_blur_keeps_salient_patches_and_blurs_the_rest_of_the_same_image():
     # a constant image stays constant
     flat = torch.full((1, H, W, 3), 77, dtype=torch.uint8)
     assert torch.equal(mix.gaussian_blur(flat, 2.0), flat)
+
+
+def test_blur_strength_removes_patch_detail_and_keeps_coarse_structure():
+    """The stated strength (sigma = half a patch side): a pattern repeating once per patch is
+    wiped out, one four patches wide keeps most of its contrast (docs/METHOD.md)."""
+    p = 14  # ViT-L/14
+    x = torch.arange(16 * p, dtype=torch.float64)
+
+    def contrast_after_blur(period: float) -> float:
+        wave = (127.5 + 100 * torch.cos(2 * math.pi * x / period)).round().to(torch.uint8)
+        img = wave.view(1, 1, -1, 1).expand(1, 16 * p, -1, 3).contiguous()
+        out = mix.gaussian_blur(img, mix.BLUR_SIGMA_PATCHES * p)[0, :, 4 * p:12 * p, 0].double()  # away from the edges
+        return float(out.max() - out.min()) / 200
+
+    assert contrast_after_blur(p) < 0.03
+    assert 0.6 < contrast_after_blur(4 * p) < 0.85
 
 
 @pytest.mark.parametrize("method", mix.METHODS)

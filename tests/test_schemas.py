@@ -28,7 +28,7 @@ from tests.shard_fixtures import unit_rows
 REQUESTED = """key source_id status error partner_key partner_source_id lam lam_hat margin method lam_mode
 kept_patches grid image_size model pretrained merge_total merge_schedule attn_layer prop_attn seed prompt answer
 conversations label partner_label unit index winner_sha256 loser_sha256 mask_sha256 image_format schema_version
-orig_size resize_mode saliency input_index jpeg_quality fingerprint""".split()
+orig_size resize_mode saliency input_index jpeg_quality fingerprint activation norm_mean norm_std interpolation""".split()
 
 
 def test_fields_come_from_the_arrow_schema_and_cover_the_contract():
@@ -115,6 +115,16 @@ def test_schema_versions_with_another_major_are_refused_with_the_fix():
     renamed = pa.schema([f if f.name != "lam" else f.with_name("lambda") for f in ARROW_SCHEMA], metadata=ARROW_SCHEMA.metadata)
     with pytest.raises(ValueError, match=r"lacks columns \['lam'\]"):
         check_arrow_schema(renamed, "f")
+
+
+def test_files_of_an_older_minor_lack_only_the_fields_added_since():
+    """A 1.0 Parquet file has no 1.1 columns and stays readable; a 1.1 file without them is damaged."""
+    added = [f.name for f in ARROW_SCHEMA if f.metadata.get(b"since") == b"1.1"]
+    assert added == ["activation", "norm_mean", "norm_std", "interpolation"]
+    old = pa.schema([f for f in ARROW_SCHEMA if f.name not in added], metadata={b"mergemix.schema_version": b"1.0"})
+    check_arrow_schema(old, "shards/000000.parquet")
+    with pytest.raises(ValueError, match="lacks columns"):
+        check_arrow_schema(old.with_metadata(ARROW_SCHEMA.metadata), "f")
 
 
 def test_validate_row_catches_value_problems():

@@ -182,3 +182,42 @@ def test_run_files_total_committed_units_and_index_in_wids_format(tmp_path):
         data = (tmp_path / entry["url"]).read_bytes()
         assert entry["filesize"] == len(data) and entry["md5sum"] == hashlib.md5(data).hexdigest()
         assert entry["nsamples"] == 4
+
+
+def test_mixup_mask_is_the_blend_weight_and_selections_stay_binary(tmp_path):
+    """The shard contract for masks (schemas.shard.mask_problem): a mixup row stores the winner's
+    weight round(255 * lam) on every patch and kept_patches null; every other method 0/255."""
+    from schemas.shard import mask_problem
+    from stages.shardcheck import validate_output
+
+    rows, images = unit_rows(0, 4)
+    for row in rows:
+        pair = images[row["key"]]
+        lam = row["lam"]
+        level = np.full(GRID, round(255 * lam), np.uint8)
+        blend = np.round(lam * pair.winner + (1 - lam) * pair.loser).astype(np.uint8)
+        images[row["key"]] = PairImages(pair.winner, blend, level, pair.saliency)
+        row.update(method="mixup", lam_hat=lam, margin=1 - lam)
+    write_unit(tmp_path, 0, rows, images, image_format="png", fingerprint="fp")
+    write_run_files(tmp_path, {"fingerprint": "fp"})
+    written = pq.read_table(tmp_path / "shards" / "000000.parquet").to_pylist()
+    assert [r["kept_patches"] for r in written] == [None] * 4
+    assert validate_output(tmp_path) == []
+
+    level = np.full(GRID, 128, np.uint8)
+    assert mask_problem("mixup", 128 / 255, None, level) is None
+    assert "round(255 * lam) = 51" in mask_problem("mixup", 0.2, None, level)
+    assert "kept_patches must be null" in mask_problem("mixup", 128 / 255, 0, level)
+    assert mask_problem("mergemix", 0.5, None, level) == "mask values must be 0 or 255"
+    binary = np.zeros(GRID, np.uint8)
+    binary[0] = 255
+    assert mask_problem("cutmix", 0.5, GRID[1], binary) is None
+    assert "keeps 6 patches, parquet kept_patches is 5" in mask_problem("cutmix", 0.5, 5, binary)
+    rows, images = unit_rows(1, 2)
+    images[rows[0]["key"]].mask[:] = 128  # a selection method with a blend mask is refused by the writer
+    with pytest.raises(ValueError, match="mask values must be 0 or 255"):
+        write_unit(tmp_path, 1, rows, images, image_format="png", fingerprint="fp")
+    rows, images = unit_rows(2, 2)
+    rows[0]["method"] = "mixup"  # and a mixup row whose mask does not match its lam
+    with pytest.raises(ValueError, match="mixup mask must hold"):
+        write_unit(tmp_path, 2, rows, images, image_format="png", fingerprint="fp")
