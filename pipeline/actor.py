@@ -1,5 +1,5 @@
 """The encoder actor of `generate`: one model load per actor; turns prepared units into the
-unit's decisions (saliency, lam, partner, mask; stages.pairs.PairMaker).
+unit's decisions (saliency, lam, partner, mask; stages.decide).
 
 torch and the encoder are imported inside the actor only, so the driver that defines and
 schedules it stays light.
@@ -21,7 +21,7 @@ class UnitWorker:
 
         from pipeline.config import GenerateConfig
         from stages.encoder import collect_messages, load_encoder
-        from stages.pairs import PairMaker
+        from stages.decide import UnitDecider
 
         torch.set_num_threads(threads)
         c = GenerateConfig(**cfg)
@@ -35,12 +35,12 @@ class UnitWorker:
         describe = {"model": c.model, "pretrained": None if c.pretrained in ("", "none") else c.pretrained, "seed": c.seed,
                     "method": c.method, "lam_mode": c.lam_mode, **encoder.describe()}
         describe.pop("patch_size")
-        self.maker = PairMaker(encoder, method=c.method, lam=c.lam, lam_mode=c.lam_mode, seed=c.seed,
+        self.decider = UnitDecider(encoder, method=c.method, lam=c.lam, lam_mode=c.lam_mode, seed=c.seed,
                                batch_size=c.batch_size, describe=describe)
 
     def make(self, unit):
         injected_fault(unit.unit_id)
-        return self.maker.make(unit)
+        return self.decider.decide(unit)
 
     def load_messages(self) -> list[str]:
         return self.messages

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.listing import Slice
-from stages.pairs import PreparedUnit, UnitPairs, prepare_unit
+from stages.compose import pair_images
+from stages.decide import UnitDecisions
+from stages.prepare import PreparedUnit, prepare_unit
 from stages.preprocess import CLIP_MEAN_RGB
 from stages.read import read_slice
 from stages.writer import write_unit
@@ -37,9 +39,10 @@ def prepare(unit: Unit, image_size, resize: str, image_root: str | None, fill=CL
                         interpolation)
 
 
-def write(unit: PreparedUnit, pairs: UnitPairs, out_dir: str, image_format: str, jpeg_quality: int,
+def write(unit: PreparedUnit, decided: UnitDecisions, out_dir: str, image_format: str, jpeg_quality: int,
           fingerprint: str) -> dict:
     """Write one unit. `unit` is the prepared unit the actor saw (its pixels are the winners,
-    read from Ray's object store without a copy); `pairs` is what the actor decided."""
-    return write_unit(Path(out_dir), pairs.unit_id, pairs.rows, pairs.images(unit.pixels), image_format=image_format,
-                      jpeg_quality=jpeg_quality, fingerprint=fingerprint, extra_stats={"timings": pairs.timings})
+    read from Ray's object store without a copy); `decided` is what the actor decided."""
+    images = pair_images(decided.ok_keys, decided.masks, decided.partners, unit.pixels, decided.losers)
+    return write_unit(Path(out_dir), decided.unit_id, decided.rows, images, image_format=image_format,
+                      jpeg_quality=jpeg_quality, fingerprint=fingerprint, extra_stats={"timings": decided.timings})

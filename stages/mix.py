@@ -327,7 +327,7 @@ def gaussian_blur(pixels: Tensor, sigma: float) -> Tensor:
 class MixResult:
     """Loser images, grid masks, the exact fraction of each image taken from x_i, and lam."""
 
-    loser: Tensor | None  # uint8 (B, H, W, 3); None from make_losers(compose=False) for PATCH_SELECT methods
+    loser: Tensor | None  # uint8 (B, H, W, 3) for mixup, resizemix, blur; None for PATCH_SELECT methods
     mask: Tensor  # uint8 (B, gh, gw): 255 = from x_i, 0 = from partner (mixup: round(lam*255) everywhere)
     kept: Tensor  # float64 (B,): fraction of the image from x_i (exact area; lam for mixup)
     lam: Tensor | None = None  # float64 (B,): the ratio each loser was made with, to record with it: the
@@ -360,9 +360,9 @@ def _resizemix_box(rng: np.random.Generator, gh: int, gw: int) -> tuple[int, int
 
 def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tuple[int, int],
                 patch: tuple[int, int], keys: Sequence[str], seed: int, saliency: Tensor | None = None,
-                token_scores: Tensor | None = None, source: Tensor | None = None,
-                blur_sigma: float | None = None, compose: bool = True) -> MixResult:
-    """Build the loser image of every sample with `method`; x_j = pixels[partner].
+                token_scores: Tensor | None = None, source: Tensor | None = None) -> MixResult:
+    """The mask of every sample with `method` (x_j = pixels[partner]), and its loser image where
+    the loser is not a selection of x_i and x_j.
 
     mergemix / topk: top floor(lam*L) of `saliency` (topk passes an un-merged encoder's
     saliency; mergemix may instead pass token_scores + source, recovered here).
@@ -374,11 +374,11 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
     antialiased) into a grid-aligned box of side scale tau ~ U(0.1, 0.8) (area tau^2) at a
     uniform position; the given lam is not used, and MixResult.lam is 1 - the pasted area.
     blur: salient top floor(lam*L) patches kept, the rest replaced by a Gaussian blur of x_i
-    itself (sigma defaults to BLUR_SIGMA_PATCHES = half the larger patch side); no partner pixels.
+    itself (sigma BLUR_SIGMA_PATCHES = half the larger patch side); no partner pixels.
 
-    compose=False: for PATCH_SELECT methods return the masks only (loser None). Their loser is
-    x_i on the mask and x_j elsewhere, which whoever holds the pixels composes exactly
-    (stages.pairs.compose_loser): `generate`'s encoder actor ships masks, not images.
+    For PATCH_SELECT methods the loser is x_i on the mask and x_j elsewhere, exactly; the one
+    composer of those is stages.compose.compose_loser (numpy), run by whoever holds the pixels
+    (`generate`'s write task), so MixResult.loser is None for them.
     """
     if method not in METHODS:
         raise MixArgumentError(f"unknown mixing method {method!r}: use one of {', '.join(METHODS)}")
@@ -422,8 +422,7 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
         sal = grid_scores(need(saliency, "saliency"), "saliency")
         mask = topk_patch_mask(sal, lam)
         if method == "blur":
-            sigma = blur_sigma if blur_sigma is not None else BLUR_SIGMA_PATCHES * max(ph, pw)
-            extra = gaussian_blur(pixels, sigma)
+            extra = gaussian_blur(pixels, BLUR_SIGMA_PATCHES * max(ph, pw))
     elif method == "mergemix-official":
         ts, src = need(token_scores, "token_scores"), need(source, "source")
         grid_scores(src, "source")
@@ -458,7 +457,7 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
     # Where a box decides the ratio, the lam to record is the one it made: 1 - the area taken from the
     # partner (cutmix: after clipping at the border, as CutMix adjusts lam; resizemix draws its own tau).
     lam = kept.clone() if method in ("cutmix", "resizemix") else lam.clone()
-    if extra is None and not compose:
+    if extra is None:
         return MixResult(None, grid_mask.to(torch.uint8) * 255, kept, lam)
-    loser = mix_pixels(pixels, pixels[partner] if extra is None else extra, upsample_mask(grid_mask, (ph, pw)))
+    loser = mix_pixels(pixels, extra, upsample_mask(grid_mask, (ph, pw)))
     return MixResult(loser, grid_mask.to(torch.uint8) * 255, kept, lam)

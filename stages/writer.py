@@ -15,7 +15,6 @@ import sys
 import tarfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from importlib import metadata
 
 import numpy as np
@@ -25,7 +24,6 @@ from PIL import Image
 
 from schemas.layout import INDEX_FILE, PRODUCER, RUN_FILE, SHARDS_DIR, shard_name, unit_files
 from schemas.shard import (
-    BLEND_METHODS,
     IMAGE_FORMATS,
     SCHEMA_VERSION,
     STATUSES,
@@ -33,21 +31,12 @@ from schemas.shard import (
     member_name,
     table_from_rows,
 )
+from stages.compose import PairImages
 from stages.outdir import committed_units
 from stages.storage import open_store
 
 TAR_MTIME = 0  # fixed so identical content gives identical bytes
 WRITE_CHUNK = 64  # samples encoded and typed at a time (bounds the write task's memory)
-
-
-@dataclass
-class PairImages:
-    """Pixels of one pair, as uint8 arrays."""
-
-    winner: np.ndarray  # H x W x 3, exactly the pixels the encoder saw
-    loser: np.ndarray  # H x W x 3, the mixed image
-    mask: np.ndarray  # gh x gw, 255 = patch from the winner, 0 = from the partner (mixup: round(255 * lam) everywhere)
-    saliency: np.ndarray | None = None  # gh x gw float, optional; stored in the row's `saliency`
 
 
 def encode_image(pixels: np.ndarray, image_format: str, jpeg_quality: int = 95) -> bytes:
@@ -78,25 +67,6 @@ def _check_pair(key: str, pair: PairImages, method: str | None = None, lam: floa
     problem = mask_problem(method, lam, None, pair.mask)  # the shard contract's rule (schemas.shard)
     if problem:
         raise ValueError(f"{key}: {problem}")
-
-
-def _fill_from_pixels(row: dict, pair: PairImages) -> None:
-    """Fill geometry fields the caller left empty, and check the ones it set."""
-    derived = {
-        "image_size": [int(pair.winner.shape[0]), int(pair.winner.shape[1])],
-        "grid": [int(pair.mask.shape[0]), int(pair.mask.shape[1])],
-        "kept_patches": None if row.get("method") in BLEND_METHODS else int((pair.mask == 255).sum()),
-    }
-    for name, value in derived.items():
-        if row[name] is None:
-            row[name] = value
-        elif (list(row[name]) if name != "kept_patches" else int(row[name])) != value:
-            raise ValueError(f"{row['key']}: {name}={row[name]!r} does not match the pixels ({value!r})")
-    if pair.saliency is not None and row["saliency"] is None:
-        sal = np.asarray(pair.saliency, dtype=np.float32)
-        if sal.shape != pair.mask.shape:
-            raise ValueError(f"{row['key']}: saliency {sal.shape} does not match mask {pair.mask.shape}")
-        row["saliency"] = sal.reshape(-1).tolist()
 
 
 class _HashingFile:
@@ -130,7 +100,6 @@ def _encode_pair(row: dict, pair: PairImages, image_format: str, jpeg_quality: i
     """Encode one ok sample's images, fill its row's image fields; returns its tar members."""
     key = row["key"]
     _check_pair(key, pair, row.get("method"), row.get("lam"))
-    _fill_from_pixels(row, pair)
     encoded = {
         "winner": encode_image(pair.winner, image_format, jpeg_quality),
         "loser": encode_image(pair.loser, image_format, jpeg_quality),
@@ -177,8 +146,8 @@ def write_unit(
     """Write and commit unit `unit_id`: tar (ok samples), Parquet (all rows), then stats.
 
     `rows` are one per input in input order (every FIELDS key present, see
-    `schemas.shard.empty_row`); ok rows need `images[row["key"]]`. Fills the hash fields,
-    image_format, jpeg_quality, fingerprint and missing geometry in `rows` (in place).
+    `schemas.shard.empty_row`); ok rows need `images[row["key"]]`. Fills the fields only the
+    writer knows, in `rows` (in place): the hashes, image_format, jpeg_quality, fingerprint.
     `out_dir` is the output directory (a path or a store). Returns the stats dict written.
     """
     t0 = time.perf_counter()
@@ -198,10 +167,6 @@ def write_unit(
         seen.add(key)
         if row.get("status") not in STATUSES:
             raise ValueError(f"{key}: status {row.get('status')!r} is not one of {STATUSES}")
-        if row.get("unit") is None:
-            row["unit"] = unit_id
-        if row.get("index") is None:
-            row["index"] = pos
         if row["unit"] != unit_id or row["index"] != pos:
             raise ValueError(f"{key}: unit/index {row['unit']}/{row['index']} != {unit_id}/{pos}")
         if row["status"] != "ok" and key in images:

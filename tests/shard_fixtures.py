@@ -7,14 +7,16 @@ from pathlib import Path
 import numpy as np
 
 from schemas.shard import empty_row, sample_key
-from stages.writer import PairImages, write_run_files, write_unit
+from stages.compose import PairImages
+from stages.writer import write_run_files, write_unit
 
 H, W, PATCH = 32, 48, 8  # image size and patch size -> grid 4 x 6
 GRID = (H // PATCH, W // PATCH)
 
 
-def synthetic_pair(seed: int, with_saliency: bool = True) -> tuple[PairImages, float]:
-    """A winner with structure, a partner, a mask keeping a seeded number of patches, the mixed loser."""
+def synthetic_pair(seed: int) -> tuple[PairImages, np.ndarray]:
+    """A winner with structure, a partner, a mask keeping the most salient of a seeded number of
+    patches, the mixed loser; and the saliency map."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:H, 0:W]
     winner = np.stack([xx * 5 % 256, yy * 7 % 256, np.full_like(xx, rng.integers(0, 256))], -1).astype(np.uint8)
@@ -29,7 +31,7 @@ def synthetic_pair(seed: int, with_saliency: bool = True) -> tuple[PairImages, f
     mask = mask.reshape(GRID)
     m = np.kron(mask // 255, np.ones((PATCH, PATCH), np.uint8))[..., None]
     loser = (winner * m + partner * (1 - m)).astype(np.uint8)
-    return PairImages(winner, loser, mask, saliency if with_saliency else None), kept / n
+    return PairImages(winner, loser, mask), saliency
 
 
 def unit_rows(unit_id: int, n: int, failed: tuple[int, ...] = (), skipped: tuple[int, ...] = (), seed: int = 0):
@@ -48,14 +50,17 @@ def unit_rows(unit_id: int, n: int, failed: tuple[int, ...] = (), skipped: tuple
         if i in skipped:
             rows.append(empty_row(status="skipped", error="filter: no image", **common))
             continue
-        pair, lam_hat = synthetic_pair(seed * 100_000 + unit_id * 1000 + i)
+        pair, saliency = synthetic_pair(seed * 100_000 + unit_id * 1000 + i)
+        kept = int((pair.mask == 255).sum())
+        lam_hat = kept / (GRID[0] * GRID[1])
         partner = keys[(i + 1) % n]
         rows.append(empty_row(
             status="ok", partner_key=partner, partner_source_id=f"img/{unit_id}/{(i + 1) % n}.jpg",
             lam=round(0.05 + 0.9 * ((i * 37) % 100) / 100, 4), lam_hat=lam_hat, margin=1 - lam_hat,
             method="mergemix", lam_mode="area", orig_size=[H * 2, W * 2], resize_mode="pad",
             model="mm-tiny-vit", pretrained="", merge_total=16, merge_schedule=[8, 8, 0, 0], attn_layer=2,
-            prop_attn=False, partner_label=f"class{((i + 1) % n) % 3}", **common))
+            prop_attn=False, partner_label=f"class{((i + 1) % n) % 3}", image_size=[H, W], grid=list(GRID),
+            kept_patches=kept, saliency=saliency.reshape(-1).tolist(), **common))
         images[key] = pair
     return rows, images
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from stages import mix
+from stages.compose import compose_loser
 from stages.errors import UserError
 from tests.conftest import make_image
 
@@ -44,6 +45,16 @@ def batch(n: int = 8, k_tokens: int = 10, offset: int = 0):
 def run(method: str, d: dict, **kw) -> mix.MixResult:
     return mix.make_losers(method, d["pixels"], d["partner"], d["lam"], grid=GRID, patch=PATCH, keys=d["keys"],
                            seed=SEED, saliency=d["saliency"], token_scores=d["token_scores"], source=d["source"], **kw)
+
+
+def losers(r: mix.MixResult, d: dict) -> torch.Tensor:
+    """Every sample's loser: shipped by make_losers (blends, blurs, resized pastes), or composed
+    from the mask by the one patch-selection composer, stages.compose."""
+    if r.loser is not None:
+        return r.loser
+    px, partner = d["pixels"].cpu().numpy(), d["partner"].cpu().numpy()
+    mask = r.mask.cpu().numpy()
+    return torch.from_numpy(np.stack([compose_loser(px[i], px[partner[i]], mask[i]) for i in range(len(partner))]))
 
 
 def np_upsample(grid_mask: np.ndarray) -> np.ndarray:
@@ -216,7 +227,9 @@ MASKED = ("mergemix", "mergemix-official", "mergemix-r", "topk", "random", "cutm
 def test_every_method_output_shape_dtype_and_range(method):
     d = batch(8)
     r = run(method, d)
-    assert r.loser.shape == (8, H, W, 3) and r.loser.dtype == torch.uint8
+    assert (r.loser is None) == (method in mix.PATCH_SELECT)  # a selection's loser is composed, not shipped
+    loser = losers(r, d)
+    assert loser.shape == (8, H, W, 3) and loser.dtype == torch.uint8
     assert r.mask.shape == (8, *GRID) and r.mask.dtype == torch.uint8
     assert r.kept.shape == (8,) and r.kept.dtype == torch.float64
     assert bool(((r.kept >= 0) & (r.kept <= 1)).all())
@@ -232,7 +245,7 @@ def test_loser_is_pixel_exact_mix_of_source_and_partner(method):
     r = run(method, d)
     x_i, x_j = d["pixels"].numpy(), d["pixels"][d["partner"]].numpy()
     m = np.stack([np_upsample(g == 255) for g in r.mask.numpy()])[..., None]
-    assert np.array_equal(r.loser.numpy(), np.where(m, x_i, x_j))
+    assert np.array_equal(losers(r, d).numpy(), np.where(m, x_i, x_j))
     assert 0 < r.kept.mean() < 1  # the masks are not degenerate
 
 
@@ -250,7 +263,7 @@ def test_mergemix_uses_saliency_and_recovers_from_tokens():
     assert torch.equal(r.mask == 255, mix.topk_patch_mask(d["saliency"], d["lam"]).view(8, *GRID))
     r2 = mix.make_losers("mergemix", d["pixels"], d["partner"], d["lam"], grid=GRID, patch=PATCH, keys=d["keys"],
                          seed=SEED, token_scores=d["token_scores"], source=d["source"])
-    assert torch.equal(r.mask, r2.mask) and torch.equal(r.loser, r2.loser)
+    assert torch.equal(r.mask, r2.mask) and r.loser is None and r2.loser is None
     off = run("mergemix-official", d)
     assert torch.equal(off.mask == 255, mix.merged_topk_mask(d["token_scores"], d["source"], d["lam"]).view(8, *GRID))
 
@@ -399,7 +412,7 @@ def test_results_do_not_depend_on_batch_split(method):
         sub["partner"] = torch.from_numpy(np.r_[np.arange(len(part)) + len(part), np.arange(len(part))])
         r = run(method, sub)
         idx = torch.from_numpy(part)
-        assert torch.equal(r.loser[: len(part)], full.loser[idx])
+        assert torch.equal(losers(r, sub)[: len(part)], losers(full, d)[idx])
         assert torch.equal(r.mask[: len(part)], full.mask[idx])
         assert torch.equal(r.kept[: len(part)], full.kept[idx])
 
@@ -419,10 +432,11 @@ def test_no_self_pairing_in_groups_of_two_or_more():
         d = batch(n)
         assert bool((d["partner"] != torch.arange(n)).all())
         r = run("mergemix", d)
+        loser = losers(r, d)
         # every loser that mixes anything in really differs from its own image
         for b in range(n):
             if 0 < r.kept[b] < 1:
-                assert not torch.equal(r.loser[b], d["pixels"][b])
+                assert not torch.equal(loser[b], d["pixels"][b])
 
 
 # ----------------------------------------------------------------------------- bad arguments
@@ -484,62 +498,4 @@ def test_works_on_cuda_like_cpu():
         a, b = run(method, d), run(method, dc)
         assert torch.equal(a.mask, b.mask.cpu()) and torch.equal(a.kept, b.kept.cpu())
         if method not in ("resizemix", "blur"):  # resampling kernels may round differently on GPU
-            assert torch.equal(a.loser, b.loser.cpu())
-
-
-# ----------------------------------------------------------------------------- masks only, composed elsewhere
-
-@pytest.mark.parametrize("method", mix.METHODS)
-def test_compose_false_ships_masks_and_the_numpy_composer_rebuilds_the_loser(method):
-    """generate's actor calls make_losers(compose=False); for patch-selection methods the write
-    task rebuilds each loser from the mask and the partner's pixels with numpy. Bit for bit."""
-    from stages.pairs import compose_loser
-
-    d = batch(8)
-    full, masks_only = run(method, d), run(method, d, compose=False)
-    assert torch.equal(masks_only.mask, full.mask) and torch.equal(masks_only.kept, full.kept)
-    if method not in mix.PATCH_SELECT:  # blends, blurs and resampled partners still travel as pixels
-        assert torch.equal(masks_only.loser, full.loser)
-        return
-    assert masks_only.loser is None
-    pixels, partner = d["pixels"].numpy(), d["partner"].numpy()
-    for i in range(8):
-        got = compose_loser(pixels[i], pixels[partner[i]], full.mask[i].numpy())
-        assert np.array_equal(got, full.loser[i].numpy()), f"sample {i}"
-
-
-def test_compose_loser_selects_whole_patches():
-    from stages.pairs import compose_loser
-
-    winner = np.full((H, W, 3), 200, np.uint8)
-    partner = np.full((H, W, 3), 10, np.uint8)
-    mask = np.zeros(GRID, np.uint8)
-    mask[1, 4] = 255
-    loser = compose_loser(winner, partner, mask)
-    expected = partner.copy()
-    expected[PATCH[0] : 2 * PATCH[0], 4 * PATCH[1] : 5 * PATCH[1]] = 200
-    assert np.array_equal(loser, expected) and np.array_equal(partner, np.full((H, W, 3), 10, np.uint8))
-    assert np.array_equal(compose_loser(winner, partner, np.full(GRID, 255, np.uint8)), winner)
-    with pytest.raises(ValueError, match="do not fit"):
-        compose_loser(winner, partner[:-1], mask)
-
-
-def test_unit_pairs_images_map_keys_to_composed_or_shipped_losers():
-    from stages.pairs import UnitPairs, compose_loser
-
-    d = batch(4)
-    pixels, partner = d["pixels"].numpy(), d["partner"].numpy()
-    masks = run("random", d).mask.numpy()
-    rows = [{"key": k, "status": "ok"} for k in d["keys"]]
-    rows.insert(2, {"key": "failed-row", "status": "failed"})  # not an image: indices skip it
-    images = UnitPairs(0, rows, masks, partner).images(pixels)
-    assert list(images) == d["keys"] and len(images) == 4
-    assert "failed-row" not in images and d["keys"][3] in images
-    third = images[d["keys"][2]]
-    assert np.array_equal(third.winner, pixels[2]) and np.array_equal(third.mask, masks[2])
-    assert np.array_equal(third.loser, compose_loser(pixels[2], pixels[partner[2]], masks[2]))
-    shipped = np.zeros_like(pixels)  # mixup/resizemix/blur: the actor's losers pass through unchanged
-    with_losers = UnitPairs(0, rows, masks, partner, losers=shipped).images(pixels)
-    assert np.array_equal(with_losers[d["keys"][1]].loser, shipped[1])
-    with pytest.raises(ValueError, match="do not match"):
-        UnitPairs(0, rows, masks[:3], partner).images(pixels)
+            assert torch.equal(losers(a, d), losers(b, dc).cpu())

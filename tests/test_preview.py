@@ -57,8 +57,8 @@ def test_mask_overlay_tints_only_partner_patches():
 
 def test_no_saliency_column_when_none_is_stored(tmp_path):
     rows, images = unit_rows(0, 3)
-    for key in images:
-        images[key].saliency = None
+    for row in rows:
+        row["saliency"] = None
     write_unit(tmp_path, 0, rows, images, image_format="png", fingerprint="fp")
     sheet = Image.open(make_contact_sheet(tmp_path, 2, tmp_path / "s.png"))
     assert sheet.size == (PAD + 3 * (TILE_W + PAD) + TEXT_W, HEAD_H + 2 * (TILE_H + PAD) + PAD)

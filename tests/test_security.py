@@ -29,7 +29,8 @@ from stages.errors import UserError
 from stages.loader import ShardDataset
 from stages.shardread import ShardRef, iter_tar_members
 from stages.shardcheck import validate_output
-from stages.writer import PairImages, write_unit
+from stages.compose import PairImages
+from stages.writer import write_unit
 from tests.conftest import make_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +112,8 @@ def _write_shard(out: Path, n: int = 3) -> Path:
     for i in range(n):
         key = sample_key(0, i)
         row = empty_row(key=key, source_id=f"../../etc/passwd#{i}", unit=0, index=i, input_index=i, resize_mode="pad")
-        row.update(status="ok", partner_key=sample_key(0, (i + 1) % n), lam=0.5, lam_hat=0.5, margin=0.5)
+        row.update(status="ok", partner_key=sample_key(0, (i + 1) % n), lam=0.5, lam_hat=0.5, margin=0.5,
+                   grid=[8, 8], image_size=[64, 64], kept_patches=32)
         rows.append(row)
         winner = make_image(i, (64, 64))
         mask = np.zeros((8, 8), np.uint8)

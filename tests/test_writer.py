@@ -14,7 +14,8 @@ from PIL import Image
 from schemas.shard import FIELDS, SCHEMA_VERSION, sample_key
 from stages.outdir import committed_units, read_stats, remove_leftovers
 from stages.storage import LocalStore
-from stages.writer import PairImages, encode_image, write_run_files, write_unit
+from stages.compose import PairImages
+from stages.writer import encode_image, write_run_files, write_unit
 from tests.shard_fixtures import GRID, H, W, make_output, synthetic_pair, unit_rows
 
 
@@ -157,9 +158,6 @@ def test_writer_rejects_inconsistent_input(tmp_path):
         write_unit(tmp_path, 0, rows, {**images, rows[1]["key"]: images[rows[0]["key"]]}, fingerprint="fp")
     with pytest.raises(ValueError, match="image format"):
         write_unit(tmp_path, 0, rows, images, image_format="gif", fingerprint="fp")
-    rows[0]["image_size"] = [10, 10]
-    with pytest.raises(ValueError, match="image_size"):
-        write_unit(tmp_path, 0, rows, images, fingerprint="fp")
     rows, images = unit_rows(0, 3)
     rows[2]["key"] = rows[1]["key"]
     with pytest.raises(ValueError, match="duplicate key"):
@@ -196,8 +194,8 @@ def test_mixup_mask_is_the_blend_weight_and_selections_stay_binary(tmp_path):
         lam = row["lam"]
         level = np.full(GRID, round(255 * lam), np.uint8)
         blend = np.round(lam * pair.winner + (1 - lam) * pair.loser).astype(np.uint8)
-        images[row["key"]] = PairImages(pair.winner, blend, level, pair.saliency)
-        row.update(method="mixup", lam_hat=lam, margin=1 - lam)
+        images[row["key"]] = PairImages(pair.winner, blend, level)
+        row.update(method="mixup", lam_hat=lam, margin=1 - lam, kept_patches=None)
     write_unit(tmp_path, 0, rows, images, image_format="png", fingerprint="fp")
     write_run_files(tmp_path, {"fingerprint": "fp"})
     written = pq.read_table(tmp_path / "shards" / "000000.parquet").to_pylist()
