@@ -22,7 +22,7 @@ import torch
 
 from codec import codec_floor
 from common import SCRATCH, init_ray, large_input, print_table, run_generate, save
-from stages.encoder import load_encoder, model_geometry
+from stages.tower import load_encoder, model_geometry
 
 
 def encoder_rate(enc, batch: int, iters: int, compiled: bool) -> float:

@@ -6,9 +6,12 @@ schedules it stays light.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import ray
@@ -20,7 +23,7 @@ class UnitWorker:
         import torch
 
         from pipeline.config import GenerateConfig
-        from stages.encoder import collect_messages, load_encoder
+        from stages.tower import load_encoder
         from stages.decide import UnitDecider
 
         torch.set_num_threads(threads)
@@ -44,6 +47,31 @@ class UnitWorker:
 
     def load_messages(self) -> list[str]:
         return self.messages
+
+
+@contextlib.contextmanager
+def collect_messages(into: list[str]):
+    """Collect the warnings and WARNING+ log records raised in the block (ours, open_clip's)
+    into `into` as one-line strings instead of printing them. Inside a Ray actor they would
+    never reach the user: the actor hands them to the driver, which prints each once."""
+
+    def origin(name: str, path: str) -> str:  # open_clip logs to the root logger: name its package instead
+        return name if name not in ("root", "") else Path(path).parent.name
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            into.append(f"{origin(record.name, record.pathname)}: {record.getMessage()}")
+
+    handler = Collect(level=logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield into
+    finally:
+        root.removeHandler(handler)
+        into.extend(f"{origin('', w.filename)}: {w.category.__name__}: {w.message}" for w in caught)
 
 
 class ActorMessages:

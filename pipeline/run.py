@@ -25,13 +25,12 @@ from pipeline.distribute import Distributor, connect, size_from_cluster, units_i
 from pipeline.tasks import Unit
 from schemas.layout import INDEX_FILE, SHARDS_DIR
 from schemas.shard import SCHEMA_VERSION
-from stages.encoder import resolve_pretrained
 from stages.errors import UserError
 from stages.lease import Lease
 from stages.listing import default_image_root, detect_kind, list_input
 from stages.outdir import committed_units, read_run_file, remove_leftovers, remove_output
 from stages.storage import open_store
-from stages.tower import resolve_tower
+from stages.tower import resolve_pretrained, resolve_tower
 from stages.writer import package_versions, write_run_files
 
 

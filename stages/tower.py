@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import re
 import socket
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.errors import UserError
+
+log = logging.getLogger(__name__)
 
 HF_HUB_PREFIX = "hf-hub:"  # open_clip's syntax for a model whose config and weights live in a hub repo
 HF_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -368,3 +371,66 @@ def model_geometry(model: str) -> tuple[tuple[int, int], tuple[int, int]]:
     _, model_cfg, _, _ = _model_config(model)
     vision = model_cfg.get("vision_cfg") or {}
     return _pair(vision.get("image_size", 224)), _pair(vision.get("patch_size", 16))
+
+
+# --- building ------------------------------------------------------------------------------
+# torch and open_clip are imported when a tower is built, not when this module is: the driver
+# resolves towers from configs without loading either.
+
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # autocast dtype names in torch
+
+
+def load_encoder(
+    model: str = "ViT-L-14-336",
+    pretrained: str | None = "openai",
+    *,
+    merge: int = 0,
+    attn_layer: int = -2,
+    prop_attn: bool = False,
+    schedule: str = "constant",
+    device="cpu",
+    precision: str = "fp32",
+    quick_gelu: bool | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> "MergingEncoder":
+    """Build the encoder. `model`: open_clip name, path to a model-config JSON, or
+    hf-hub:ORG/REPO; `pretrained`: open_clip tag, local checkpoint path, None/"none" for
+    random weights (for hf-hub: the model string itself for its repo's weights).
+
+    The tower is the network open_clip builds for these weights with their settings applied
+    (stages.tower): a tag's or hub repo's activation and mean/std; for a local checkpoint or
+    random weights `quick_gelu`, `mean`, `std` say how it was trained (default: the configs)."""
+    import torch
+
+    from stages.encoder import MergingEncoder
+
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    tower = resolve_tower(model, pretrained, quick_gelu=quick_gelu, mean=mean, std=std)
+    checkpoint = resolve_pretrained(model, tower.weights)
+    if checkpoint is None:
+        log.warning("RANDOM WEIGHTS: %s built with --pretrained none; saliency is meaningless for real data", model)
+    clip = build_clip(tower, checkpoint)
+    visual = clip.visual
+    del clip  # the text tower is not needed
+    encoder = MergingEncoder(visual, merge, attn_layer, prop_attn, schedule, tower.mean, tower.std)
+    encoder.tower = tower
+    encoder.to(device)
+    if torch.device(device).type == "cuda" and precision != "fp32":
+        encoder.autocast_dtype = getattr(torch, PRECISIONS[precision])
+    return encoder
+
+
+def build_clip(tower: Tower, checkpoint: str | None, device="cpu"):
+    """open_clip's model for `tower`: its config, its activation, `checkpoint` (None: seeded
+    random weights) and its mean/std/interpolation as the model's preprocess config.
+    device="meta" builds the structure only, without allocating or initialising weights."""
+    import open_clip
+    import torch
+
+    settings = {"mean": tower.mean, "std": tower.std, "interpolation": tower.interpolation}
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)  # random weights are the same in every process: runs stay reproducible
+        return open_clip.create_model(tower.name, pretrained=checkpoint, weights_only=True, device=device,
+                                      force_preprocess_cfg=settings, quick_gelu=tower.quick_gelu)

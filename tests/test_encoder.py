@@ -8,7 +8,8 @@ import open_clip
 import pytest
 import torch
 
-from stages.encoder import MergingEncoder, load_encoder
+from stages.encoder import MergingEncoder
+from stages.tower import load_encoder
 from stages.errors import UserError
 from stages.tome import MergeState, bipartite_merge, max_merge, merge_schedule
 from tests.conftest import TINY_MODEL_CONFIG, direct_cls_attention

@@ -317,7 +317,7 @@ def test_cli_run_prints_the_tower_and_worker_warnings_once(tiny_model_config, de
     assert proc.returncode == 0, proc.stderr[-2000:]
     err = proc.stderr
     assert err.count("activation GELU, mean (0.48145466, 0.4578275, 0.40821073)") == 1
-    assert err.count("worker: stages.encoder: RANDOM WEIGHTS") == 1  # two actors, one line
+    assert err.count("worker: stages.tower: RANDOM WEIGHTS") == 1  # two actors, one line
     assert err.count("worker: open_clip: No pretrained weights loaded") == 1
     assert "Token authentication" not in err and "auth_token" not in err
     summary = dict(line.split(None, 1) for line in proc.stdout.splitlines() if line.startswith(("tower", "units")))

@@ -18,7 +18,8 @@ import torch
 from open_clip.pretrained import get_pretrained_cfg
 from torch import nn
 
-from stages.encoder import MergingEncoder, build_clip, load_encoder
+from stages.encoder import MergingEncoder
+from stages.tower import build_clip, load_encoder
 from stages.errors import UserError
 from stages.tower import OPENAI_MEAN, parse_hf_hub, resolve_pretrained, resolve_tower, unsupported_reason
 from tests.conftest import TINY_MODEL_CONFIG, direct_cls_attention
