@@ -15,7 +15,8 @@ import yaml
 
 from schemas.shard import IMAGE_FORMATS
 from stages.errors import UserError
-from stages.mix import LAM_MODES, METHODS, parse_lam_spec
+from stages.methods import LAM_MODES, METHODS
+from stages.ratios import parse_lam_spec
 from stages.preprocess import RESIZE_MODES
 from stages.tower import HF_HUB_PREFIX, parse_triple
 

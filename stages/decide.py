@@ -44,7 +44,7 @@ class UnitDecider:
 
     def __init__(self, encoder: MergingEncoder, *, method: str, lam: str, lam_mode: str, seed: int,
                  batch_size: int, describe: dict):
-        from stages.mix import parse_lam_spec
+        from stages.ratios import parse_lam_spec
 
         self.encoder = encoder
         self.method = method
@@ -74,7 +74,9 @@ class UnitDecider:
     def _decide(self, unit: PreparedUnit) -> UnitDecisions:
         import torch
 
-        from stages.mix import NEEDS_SALIENCY, derangement, lam_hats, make_losers, sample_lams
+        from stages.methods import NEEDS_SALIENCY
+        from stages.mix import make_losers
+        from stages.ratios import derangement, lam_hats, sample_lams
 
         start = time.perf_counter()
         ok = unit.ok_rows

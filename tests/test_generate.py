@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline.config import GenerateConfig
 from pipeline.run import generate
 from stages.errors import UserError
-from stages.mix import METHODS
+from stages.methods import METHODS
 from stages.sample_data import write_sample_data
 from stages.shardcheck import validate_output
 from tests.conftest import make_image

@@ -28,7 +28,7 @@ import torch
 
 from pipeline.config import GenerateConfig
 from pipeline.run import generate
-from stages.mix import METHODS
+from stages.methods import METHODS
 from stages.sample_data import write_sample_data
 from stages.shardcheck import validate_output
 
