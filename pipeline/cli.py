@@ -136,7 +136,7 @@ def sample_data(
 @user_errors
 def inspect_cmd(out: str = typer.Argument(..., help="output directory of `generate`")):
     """Counts per status and failure reason, lam / lam_hat / margin histograms, methods, model, config."""
-    from stages.shardcheck import inspect_output
+    from stages.report import inspect_output
 
     typer.echo(inspect_output(out))
 
@@ -149,7 +149,7 @@ def inspect_cmd(out: str = typer.Argument(..., help="output directory of `genera
 def validate_cmd(out: str = typer.Argument(..., help="output directory of `generate`")):
     """Check every committed unit: tar members against parquet rows and hashes, completeness,
     unique keys, index.json and run.json. Lists every problem; exit code 1 if any."""
-    from stages.shardcheck import validate_output
+    from stages.validate import validate_output
 
     problems = validate_output(out)
     for line in problems:

@@ -86,6 +86,8 @@ import re
 import numpy as np
 import pyarrow as pa
 
+from schemas.layout import shard_name  # noqa: F401  (part of the contract's API)
+
 SCHEMA_VERSION = "1.1"
 # Readers accept any version with the same major number (minor bumps only add nullable fields).
 SCHEMA_MAJOR = SCHEMA_VERSION.split(".")[0]
@@ -167,19 +169,19 @@ def sample_key(unit_id: int, index: int) -> str:
     return f"{unit_id:06d}_{index:06d}"
 
 
-def shard_name(unit_id: int) -> str:
-    """File stem of unit `unit_id`'s shard files, e.g. 123 -> '000123'."""
-    if not 0 <= unit_id < 1_000_000:
-        raise ValueError(f"unit {unit_id} out of range for 6-digit shard names")
-    return f"{unit_id:06d}"
+PARTS = ("winner", "loser", "mask", "json")  # the members of a sample, in tar order
+
+
+def part_ext(part: str, image_format: str) -> str:
+    """What follows the key in a part's member name: 'winner.jpg', 'loser.png', 'mask.png', 'json'.
+    Winner and loser take the image format; the mask is always PNG."""
+    ext = {"winner": image_format, "loser": image_format, "mask": "png", "json": "json"}[part]
+    return ext if part == "json" else f"{part}.{ext}"
 
 
 def member_name(key: str, part: str, image_format: str) -> str:
-    """Tar member name of one part of a sample: winner/loser take the image format, mask is png."""
-    ext = {"winner": image_format, "loser": image_format, "mask": "png", "json": "json"}[part]
-    if part != "json":
-        ext = f"{part}.{ext}"
-    return f"{key}.{ext}"
+    """Tar member name of one part of a sample."""
+    return f"{key}.{part_ext(part, image_format)}"
 
 
 def empty_row(**fields) -> dict:
@@ -202,12 +204,6 @@ def table_from_rows(rows: list[dict]) -> pa.Table:
         if missing or extra:
             raise KeyError(f"row {row.get('key')!r}: missing fields {sorted(missing)}, unknown {sorted(extra)}")
     return pa.Table.from_pylist(rows, schema=ARROW_SCHEMA)
-
-
-def normalize_rows(rows: list[dict]) -> list[dict]:
-    """Rows as they read back from Parquet (numpy scalars -> Python, tuples -> lists,
-    float32 values rounded): the JSON record written to the tar is exactly the Parquet row."""
-    return table_from_rows(rows).to_pylist()
 
 
 def _json_type(typ: pa.DataType) -> dict:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stages.errors import UserError
-from stages.shardread import ShardRef, decode_image, iter_tar_samples, parse_record, resolve_shards
+from stages.shardread import ShardRef, iter_tar_samples, read_sample, resolve_shards
 
 # open_clip / OpenAI CLIP and ImageNet channel statistics.
 NORMALIZE = {
@@ -89,21 +89,7 @@ class ShardDataset(IterableDataset):
         return t
 
     def _sample(self, ref: ShardRef, key: str, parts: dict[str, bytes]) -> dict:
-        where = f"{ref.tar}: sample {key}"
-        if "json" not in parts:
-            raise UserError(f"{where} has no .json record; the shard is damaged")
-        rec = parse_record(parts["json"], where)
-        fmt = rec.get("image_format")
-        needed = [f"winner.{fmt}", f"loser.{fmt}"] + (["mask.png"] if self.include_mask else [])
-        missing = [p for p in needed if p not in parts]
-        if missing:
-            raise UserError(f"{where} lacks {missing}; the shard is damaged")
-        try:
-            winner = decode_image(parts[f"winner.{fmt}"])
-            loser = decode_image(parts[f"loser.{fmt}"])
-            mask = decode_image(parts["mask.png"], "L") if self.include_mask else None
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{where}: image does not decode ({exc}); the shard is damaged") from None
+        rec, winner, loser, mask = read_sample(parts, f"{ref.tar}: sample {key}", self.include_mask)
         conv = rec.get("conversations")
         sample = {
             "key": key,

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from stages.compose import upsample
 from stages.errors import UserError
-from stages.shardread import decode_image, iter_tar_samples, output_shards_dir, parse_record, resolve_shards
+from stages.shardread import iter_tar_samples, output_shards_dir, read_sample, resolve_shards
 
 TILE_H = 160  # every image is scaled to this height
 PAD = 6
@@ -37,19 +38,11 @@ def _heat(values: np.ndarray) -> np.ndarray:
     return (stops[i] * (1 - t) + stops[i + 1] * t).astype(np.uint8)
 
 
-def _upsample(grid_img: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Grid-level array -> pixel level by nearest neighbour (each patch a block)."""
-    gh, gw = grid_img.shape[:2]
-    rows = np.arange(h) * gh // h
-    cols = np.arange(w) * gw // w
-    return grid_img[rows][:, cols]
-
-
 def mask_overlay(loser: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The loser with the partner's patches tinted red (mask 0) and outlined in white on the
     partner side (a tint alone is lost on red images); the winner's patches stay as they are.
     A blend mask (mixup: the winner's weight on every patch) tints by the partner's share."""
-    weight = _upsample(mask, *loser.shape[:2])
+    weight = upsample(mask, *loser.shape[:2])
     m = weight == 255
     out = loser.astype(np.float32)
     out[~m] = 0.45 * out[~m] + 0.55 * PARTNER_TINT
@@ -67,7 +60,7 @@ def mask_overlay(loser: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def saliency_overlay(winner: np.ndarray, saliency: np.ndarray) -> np.ndarray:
-    heat = _upsample(_heat(saliency), *winner.shape[:2])
+    heat = upsample(_heat(saliency), *winner.shape[:2])
     return (0.4 * winner.astype(np.float32) + 0.6 * heat).astype(np.uint8)
 
 
@@ -83,14 +76,7 @@ def _first_pairs(out_dir: Path, n: int) -> list[dict]:
     pairs = []
     for ref in resolve_shards(out_dir):
         for key, parts in iter_tar_samples(ref):
-            rec = parse_record(parts.get("json", b"null"), f"{ref.tar}: sample {key}")
-            fmt = rec.get("image_format")
-            try:
-                winner = decode_image(parts[f"winner.{fmt}"])
-                loser = decode_image(parts[f"loser.{fmt}"])
-                mask = decode_image(parts["mask.png"], "L")
-            except (KeyError, OSError, ValueError):
-                raise UserError(f"{ref.tar}: sample {key} lacks an image or does not decode; run `validate`") from None
+            rec, winner, loser, mask = read_sample(parts, f"{ref.tar}: sample {key}")
             pairs.append({"rec": rec, "winner": winner, "loser": loser, "mask": mask})
             if len(pairs) == n:
                 return pairs

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from schemas.shard import check_arrow_schema, check_schema_version
+from schemas.shard import check_arrow_schema, check_schema_version, part_ext
 from stages.errors import UserError
 from stages.storage import LocalStore
 from schemas.layout import SHARDS_DIR, STATS_SUFFIX
@@ -29,7 +29,6 @@ class ShardRef:
 
     tar: Path
     filesize: int | None = None
-    unit: int | None = None
 
 
 def output_shards_dir(out_dir: Path) -> Path:
@@ -76,7 +75,7 @@ def resolve_shards(source) -> list[ShardRef]:
             raise UserError(f"{path} holds tars but no *{STATS_SUFFIX} commit markers: pass a glob ('{path}/*.tar') to read them anyway")
         raise UserError(f"{path} has no committed shards: run `mergemix-pipeline generate` (or resume it) first")
     sdir = out_dir / SHARDS_DIR
-    return [ShardRef(sdir / st["tar"]["file"], st["tar"].get("filesize"), unit) for unit, st in units.items()]
+    return [ShardRef(sdir / st["tar"]["file"], st["tar"].get("filesize")) for st in units.values()]
 
 
 def safe_member_name(name: str) -> str:
@@ -121,17 +120,29 @@ def iter_tar_members(ref: ShardRef) -> Iterator[tuple[str, bytes]]:
         raise UserError(f"shard {tar_path} is corrupt ({_one_line(exc)}); regenerate this unit or remove it") from None
 
 
-def iter_tar_samples(ref: ShardRef) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive members by key: yields (key, {ext: bytes})."""
-    key, parts = None, {}
+def iter_tar_samples(ref: ShardRef, problems: list[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group consecutive members by key (webdataset's rule): yields (key, {ext: bytes}). A member
+    that repeats within its sample, or a key that comes back after another, is a damaged
+    shard: UserError, or with `problems` the problem appended there and the member skipped."""
+    key, parts, seen = None, {}, set()
+
+    def problem(text: str) -> None:
+        if problems is None:
+            raise UserError(f"shard {ref.tar}: {text}")
+        problems.append(text)
+
     for name, data in iter_tar_members(ref):
         k, ext = split_member(name)
         if k != key:
             if key is not None:
                 yield key, parts
+            if k in seen:
+                problem(f"members of {k} are not together (webdataset reads them as two samples)")
             key, parts = k, {}
+            seen.add(k)
         if ext in parts:
-            raise UserError(f"shard {ref.tar}: member {name!r} appears twice")
+            problem(f"duplicate member {name}")
+            continue
         parts[ext] = data
     if key is not None:
         yield key, parts
@@ -150,6 +161,26 @@ def parse_record(data: bytes, where: str) -> dict:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return record
+
+
+def read_sample(parts: dict[str, bytes], where: str, include_mask: bool = True):
+    """A sample's record and decoded pixels: (record, winner, loser, mask or None), uint8 arrays
+    (mask: gh x gw, 255 = from the winner; mixup: the winner's blend weight). Missing or
+    undecodable members are a damaged shard (UserError naming `where`)."""
+    if "json" not in parts:
+        raise UserError(f"{where} has no .json record; the shard is damaged")
+    record = parse_record(parts["json"], where)
+    fmt = record.get("image_format")
+    wanted = ["winner", "loser"] + (["mask"] if include_mask else [])
+    missing = [part_ext(p, fmt) for p in wanted if part_ext(p, fmt) not in parts]
+    if missing:
+        raise UserError(f"{where} lacks {missing}; the shard is damaged (run `validate`)")
+    try:
+        winner, loser = (decode_image(parts[part_ext(p, fmt)]) for p in ("winner", "loser"))
+        mask = decode_image(parts[part_ext("mask", fmt)], "L") if include_mask else None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{where}: image does not decode ({exc}); the shard is damaged") from None
+    return record, winner, loser, mask
 
 
 def decode_image(data: bytes, mode: str = "RGB") -> np.ndarray:

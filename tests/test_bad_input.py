@@ -27,7 +27,7 @@ from pipeline.config import GenerateConfig
 from pipeline.run import generate
 from stages.preprocess import CLIP_MEAN_RGB, decode_rgb
 from stages.read import InputError
-from stages.shardcheck import validate_output
+from stages.validate import validate_output
 from tests.conftest import make_image
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ from pipeline.distribute import UNIT_RETRIES
 from pipeline.run import generate
 from stages.errors import UserError
 from stages.sample_data import write_sample_data
-from stages.shardcheck import validate_output
+from stages.validate import validate_output
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)  # every test here runs with the module's Ray up

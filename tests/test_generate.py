@@ -21,7 +21,7 @@ from pipeline.run import generate
 from stages.errors import UserError
 from stages.methods import METHODS
 from stages.sample_data import write_sample_data
-from stages.shardcheck import validate_output
+from stages.validate import validate_output
 from tests.conftest import make_image
 
 pytestmark = pytest.mark.timeout(300)

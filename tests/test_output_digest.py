@@ -30,7 +30,7 @@ from pipeline.config import GenerateConfig
 from pipeline.run import generate
 from stages.methods import METHODS
 from stages.sample_data import write_sample_data
-from stages.shardcheck import validate_output
+from stages.validate import validate_output
 
 pytestmark = pytest.mark.timeout(600)
 

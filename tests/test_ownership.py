@@ -18,7 +18,7 @@ from pipeline.run import generate
 from stages.errors import UserError
 from stages.lease import Lease
 from stages.sample_data import write_sample_data
-from stages.shardcheck import validate_output
+from stages.validate import validate_output
 from stages.storage import LocalStore
 
 pytestmark = pytest.mark.timeout(300)

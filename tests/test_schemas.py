@@ -17,9 +17,9 @@ from schemas.shard import (
     check_schema_version,
     empty_row,
     json_schema,
-    normalize_rows,
     sample_key,
     shard_name,
+    table_from_rows,
     validate_row,
 )
 from stages.writer import write_unit
@@ -68,11 +68,11 @@ def test_rows_need_every_field_and_the_right_types():
     row = empty_row(key="000000_000000", status="ok", unit=0, index=0)
     del row["answer"]
     with pytest.raises(KeyError, match="answer"):
-        normalize_rows([row])
+        table_from_rows([row])
     with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):
-        normalize_rows([empty_row(key="000000_000000", status="ok", unit=0, index=0, lam="half")])
+        table_from_rows([empty_row(key="000000_000000", status="ok", unit=0, index=0, lam="half")])
     with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError, ValueError)):  # grid must have exactly 2 values
-        normalize_rows([empty_row(key="000000_000000", status="ok", unit=0, index=0, grid=[1, 2, 3])])
+        table_from_rows([empty_row(key="000000_000000", status="ok", unit=0, index=0, grid=[1, 2, 3])])
 
 
 def test_records_validate_against_the_json_schema_derived_from_arrow(tmp_path):
@@ -81,7 +81,7 @@ def test_records_validate_against_the_json_schema_derived_from_arrow(tmp_path):
     assert list(schema["properties"]) == list(FIELDS)
     rows, images = unit_rows(0, 4, failed=(1,))
     write_unit(tmp_path, 0, rows, images, image_format="png", fingerprint="fp")  # fills hashes and geometry
-    records = [json.loads(json.dumps(r)) for r in normalize_rows(rows)]
+    records = [json.loads(json.dumps(r)) for r in table_from_rows(rows).to_pylist()]
     for record in records:
         jsonschema.validate(record, schema)
     bad = dict(records[0], status="maybe")

@@ -28,7 +28,7 @@ from schemas.shard import empty_row, sample_key
 from stages.errors import UserError
 from stages.loader import ShardDataset
 from stages.shardread import ShardRef, iter_tar_members
-from stages.shardcheck import validate_output
+from stages.validate import validate_output
 from stages.compose import PairImages
 from stages.writer import write_unit
 from tests.conftest import make_image

@@ -186,7 +186,7 @@ def test_mixup_mask_is_the_blend_weight_and_selections_stay_binary(tmp_path):
     """The shard contract for masks (schemas.shard.mask_problem): a mixup row stores the winner's
     weight round(255 * lam) on every patch and kept_patches null; every other method 0/255."""
     from schemas.shard import mask_problem
-    from stages.shardcheck import validate_output
+    from stages.validate import validate_output
 
     rows, images = unit_rows(0, 4)
     for row in rows:

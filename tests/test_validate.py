@@ -14,7 +14,8 @@ import pytest
 
 from schemas.shard import ARROW_SCHEMA
 from stages.errors import UserError
-from stages.shardcheck import inspect_output, text_histogram, validate_output
+from stages.report import inspect_output
+from stages.validate import validate_output
 from tests.shard_fixtures import make_output
 
 CLI = str(Path(sys.executable).with_name("mergemix-pipeline"))
@@ -122,23 +123,6 @@ def test_missing_run_files_and_leftover_temp_file(out):
         "index.json: missing (the run did not finish); rerun `generate` to resume and write it",
         "run.json: missing (the run did not finish); rerun `generate` to resume and write it",
     ]
-
-
-def test_inspect_report(out):
-    report = inspect_output(out)
-    assert "units        2 committed, 0 uncommitted" in report
-    assert "inputs       12: ok 8 (66.7%), failed 2, skipped 2" in report
-    assert "failed   decode" in report and "skipped  filter" in report
-    assert "methods      mergemix 8" in report and "model        mm-tiny-vit 8" in report
-    assert "png 8   32x48 px, grid 4x6" in report
-    for name in ("lam", "lam_hat", "margin"):
-        assert f"\n{name:<12} mean" in report
-    assert "[0.9, 1.0]" in report and "fingerprint  fp-test" in report
-
-
-def test_text_histogram_counts_and_scales():
-    lines = text_histogram(__import__("numpy").array([0.05, 0.05, 0.95, 1.0]), bins=2, width=4)
-    assert lines == ["  [0.0, 0.5)  ####  2", "  [0.5, 1.0]  ####  2"]
 
 
 def test_cli_validate_inspect_exit_codes_and_one_line_errors(out, tmp_path):

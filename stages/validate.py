@@ -1,4 +1,5 @@
-"""`validate` (is every committed unit complete and consistent?) and `inspect` (what is in it?)."""
+"""`validate`: is every committed unit of an output complete and consistent with its rows,
+its stats and the run files? Lists every problem, one precise line each."""
 from __future__ import annotations
 
 import hashlib
@@ -8,22 +9,14 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from PIL import Image
 
-from schemas.shard import FIELDS, SCHEMA_VERSION, mask_problem, sample_key, shard_name, validate_row
-from stages.errors import UserError
-from stages.shardread import ShardRef, decode_image, iter_tar_members, output_shards_dir, read_parquet, split_member
 from schemas.layout import STATS_SUFFIX, parse_tmp_file, parse_unit_file
-from stages.outdir import committed_units, read_stats
+from schemas.shard import FIELDS, PARTS, SCHEMA_VERSION, mask_problem, part_ext, sample_key, shard_name, validate_row
+from stages.errors import UserError
+from stages.outdir import read_stats
+from stages.shardread import ShardRef, decode_image, iter_tar_samples, output_shards_dir, read_parquet
 from stages.storage import LocalStore
-from stages.writer import error_reason
-
-
-def _unit_of(path: Path) -> int | None:
-    parsed = parse_unit_file(path.name)
-    return parsed[0] if parsed else None
 
 
 def _planned_units(out_dir: Path) -> int | None:
@@ -54,7 +47,7 @@ def _image_size(data: bytes) -> tuple[int, int]:
 def _check_members(tar: str, key: str, row: dict, parts: dict[str, bytes]) -> list[str]:
     """One ok row against its tar members: presence, hashes, record, geometry, mask."""
     fmt = row["image_format"]
-    expected = {f"winner.{fmt}": "winner_sha256", f"loser.{fmt}": "loser_sha256", "mask.png": "mask_sha256", "json": None}
+    expected = {part_ext(part, fmt): f"{part}_sha256" if part != "json" else None for part in PARTS}
     problems = []
     missing = [ext for ext in expected if ext not in parts]
     if len(missing) == len(expected):
@@ -80,11 +73,12 @@ def _check_members(tar: str, key: str, row: dict, parts: dict[str, bytes]) -> li
             if diff:
                 problems.append(f"{tar}: {key}.json differs from its parquet row in {diff}")
     try:
-        for ext in (f"winner.{fmt}", f"loser.{fmt}"):
+        for ext in (part_ext("winner", fmt), part_ext("loser", fmt)):
             if ext in parts and list(_image_size(parts[ext])) != list(row["image_size"] or []):
                 problems.append(f"{tar}: {key}.{ext} is {_image_size(parts[ext])}, parquet image_size is {row['image_size']}")
-        if "mask.png" in parts:
-            mask = decode_image(parts["mask.png"], "L")
+        mask_ext = part_ext("mask", fmt)
+        if mask_ext in parts:
+            mask = decode_image(parts[mask_ext], "L")
             if list(mask.shape) != list(row["grid"] or []):
                 problems.append(f"{tar}: {key}.mask.png is {mask.shape}, parquet grid is {row['grid']}")
             problem = mask_problem(row["method"], row["lam"], row["kept_patches"], mask)
@@ -146,14 +140,13 @@ def _check_unit(sdir: Path, unit: int, stats: dict, seen: dict[str, int]) -> lis
         problems.append(f"{tar}: md5 differs from the stats (content changed)")
 
     samples: dict[str, dict[str, bytes]] = {}
+    grouping: list[str] = []
     try:
-        for mname, data in iter_tar_members(ShardRef(tar_path)):
-            key, ext = split_member(mname)
-            if ext in samples.setdefault(key, {}):
-                problems.append(f"{tar}: duplicate member {mname}")
-            samples[key][ext] = data
+        for key, parts in iter_tar_samples(ShardRef(tar_path), grouping):
+            samples.setdefault(key, {}).update(parts)
     except UserError as exc:
         problems.append(f"{tar}: unreadable after {sum(map(len, samples.values()))} members: {exc}")
+    problems += [f"{tar}: {p}" for p in grouping]
     if rows is None:
         return problems
     if sum(1 for k in samples) != tar_stats.get("nsamples"):
@@ -247,85 +240,3 @@ def validate_output(out_dir: Path) -> list[str]:
         problems += _check_unit(sdir, unit, stats, seen)
     problems += _check_run_files(out_dir, units)
     return problems
-
-
-# --- inspect ----------------------------------------------------------------------------
-
-_INSPECT_COLUMNS = ["status", "error", "lam", "lam_hat", "margin", "method", "lam_mode", "model", "pretrained",
-                    "image_format", "image_size", "grid", "merge_total", "merge_schedule", "attn_layer"]
-
-
-def text_histogram(values: np.ndarray, bins: int = 10, width: int = 40, lo: float = 0.0, hi: float = 1.0) -> list[str]:
-    """Fixed-range histogram as text lines: '[0.0, 0.1)  ########  12'."""
-    counts, edges = np.histogram(np.clip(values, lo, hi), bins=bins, range=(lo, hi))
-    top = max(int(counts.max()), 1) if len(counts) else 1
-    lines = []
-    for i, n in enumerate(counts):
-        close = "]" if i == bins - 1 else ")"
-        lines.append(f"  [{edges[i]:.1f}, {edges[i + 1]:.1f}{close}  {'#' * round(width * n / top):<{width}}  {n}")
-    return lines
-
-
-def _counts_line(column: pa.ChunkedArray) -> str:
-    vc = pc.value_counts(column).to_pylist()
-    pairs = sorted(((v["values"], v["counts"]) for v in vc), key=lambda p: (-p[1], str(p[0])))
-    return ", ".join(f"{v if v is not None else '-'} {n}" for v, n in pairs) or "-"
-
-
-def inspect_output(out_dir: Path) -> str:
-    """A human report: counts per status and failure reason, lam / lam_hat / margin
-    histograms, methods, model and config summary."""
-    out_dir = Path(out_dir)
-    sdir = output_shards_dir(out_dir)
-    units = committed_units(LocalStore(out_dir))
-    uncommitted = sorted({p.name.split(".")[0] for p in sdir.iterdir()
-                          if p.suffix in (".tar", ".parquet") and _unit_of(p) is not None and _unit_of(p) not in units})
-    lines = [f"output       {out_dir}"]
-    run = None
-    if (out_dir / "run.json").is_file():
-        try:
-            run = json.loads((out_dir / "run.json").read_text())
-        except ValueError:
-            lines.append("run.json     unreadable")
-    if isinstance(run, dict):
-        lines.append(f"fingerprint  {run.get('fingerprint', '-')}   schema {run.get('schema_version', '-')}")
-    tar_bytes = sum(st["tar"]["filesize"] for st in units.values())
-    lines.append(f"units        {len(units)} committed, {len(uncommitted)} uncommitted   tars {tar_bytes / 2**20:.1f} MiB")
-    if not units:
-        lines.append("no committed units: run or resume `mergemix-pipeline generate`")
-        return "\n".join(lines)
-
-    tables = [read_parquet(sdir / st["parquet"]["file"], columns=_INSPECT_COLUMNS) for st in units.values()]
-    table = pa.concat_tables(tables)
-    status = table["status"]
-    n = len(table)
-    n_ok = pc.sum(pc.equal(status, "ok")).as_py() or 0
-    per = {s: pc.sum(pc.equal(status, s)).as_py() or 0 for s in ("ok", "failed", "skipped")}
-    lines.append(f"inputs       {n}: ok {per['ok']} ({100 * per['ok'] / max(n, 1):.1f}%), failed {per['failed']}, skipped {per['skipped']}")
-    bad = table.filter(pc.not_equal(status, "ok"))
-    if len(bad):
-        reasons = Counter((s, error_reason(e)) for s, e in zip(bad["status"].to_pylist(), bad["error"].to_pylist()))
-        lines.append("  not ok, by reason:")
-        for (s, reason), k in sorted(reasons.items(), key=lambda p: (-p[1], p[0])):
-            lines.append(f"    {s:<8} {reason:<24} {k}")
-    ok = table.filter(pc.equal(status, "ok"))
-    if n_ok:
-        first = ok.slice(0, 1).to_pylist()[0]
-        lines.append(f"methods      {_counts_line(ok['method'])}")
-        lines.append(f"lam_mode     {_counts_line(ok['lam_mode'])}")
-        lines.append(f"model        {_counts_line(ok['model'])}   pretrained: {first['pretrained'] or 'none (random weights)'}")
-        lines.append(f"merging      R={first['merge_total']} schedule {first['merge_schedule']} attn_layer {first['attn_layer']}")
-        size, grid = first["image_size"], first["grid"]
-        lines.append(f"images       {_counts_line(ok['image_format'])}   {size[0]}x{size[1]} px, grid {grid[0]}x{grid[1]}")
-        for name in ("lam", "lam_hat", "margin"):
-            vals = ok[name].drop_null().to_numpy()
-            if len(vals):
-                lines.append(f"{name:<12} mean {vals.mean():.3f}  std {vals.std():.3f}  min {vals.min():.3f}  max {vals.max():.3f}")
-                lines += text_histogram(vals)
-    if isinstance(run, dict) and isinstance(run.get("config"), dict):
-        lines.append("config")
-        for k, v in run["config"].items():
-            lines.append(f"  {k:<22} {json.dumps(v) if not isinstance(v, str) else v}")
-    if uncommitted:
-        lines.append(f"uncommitted  {', '.join(uncommitted[:10])}{' ...' if len(uncommitted) > 10 else ''} (no stats file; resume `generate`)")
-    return "\n".join(lines)
