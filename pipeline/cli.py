@@ -16,6 +16,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[288]" is a default, not a style tag
     help="Generate MergeMix preference shards for vision-language models, and inspect, check and train on them.",
 )
 
@@ -43,39 +44,65 @@ def user_errors(fn):
 # --- generate ----------------------------------------------------------------------------
 
 
+def _default(name: str) -> str:
+    """A GenerateConfig default as --help shows it: the defaults live in the dataclass only."""
+    from dataclasses import fields
+
+    from pipeline.config import GenerateConfig
+
+    value = next(f.default for f in fields(GenerateConfig) if f.name == name)
+    return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+
+
+def _opt(name: str, help: str, *decls: str, default: str | None = None):
+    """A generate flag: None unless given (so YAML < flags), its help ending with the default."""
+    shown = default if default is not None else _default(name)
+    return typer.Option(None, *decls, help=f"{help} [{shown}]" if shown not in ("", "None") else help)
+
+
+def _choices(values) -> str:
+    return " | ".join(values)
+
+
+from pipeline.config import IMAGE_FORMATS, LAM_MODES, MERGE_SCHEDULES, METHODS, PRECISION_NAMES, RESIZE_MODES  # noqa: E402
+
+
 @app.command()
 @user_errors
 def generate(
-    input: str = typer.Option(None, "--input", "-i", help="LLaVA .json, image folder, webdataset tars (file, glob, {a..b}, folder) or .jsonl/.parquet manifest"),
-    output: str = typer.Option(None, "--output", "-o", help="output directory for shards/, run.json, index.json"),
-    image_root: str = typer.Option(None, help="directory the input's image paths are relative to (paths may not leave it)"),
-    folder_labels: bool = typer.Option(None, "--folder-labels/--no-folder-labels", help="image folder: class subfolders become labels"),
-    model: str = typer.Option(None, help="open_clip model name, model-config JSON, or hf-hub:ORG/REPO [ViT-L-14-336]"),
-    pretrained: str = typer.Option(None, help="open_clip tag, checkpoint PATH, or none (random weights) [openai; hf-hub: the repo's]"),
-    quick_gelu: bool = typer.Option(None, "--quick-gelu/--no-quick-gelu", help="a checkpoint trained with QuickGELU MLPs [tag / model config]"),
-    mean: str = typer.Option(None, help="R,G,B mean a checkpoint was trained with [tag / config preprocess_cfg / OpenAI]"),
-    std: str = typer.Option(None, help="R,G,B std a checkpoint was trained with [tag / config preprocess_cfg / OpenAI]"),
-    merge: int = typer.Option(None, help="tokens removed by merging before the saliency layer, R [288]"),
-    attn_layer: int = typer.Option(None, help="block whose CLS attention is the saliency; negative counts from the end [-2]"),
-    prop_attn: bool = typer.Option(None, "--prop-attn/--no-prop-attn", help="proportional attention on merged tokens [off]"),
-    merge_schedule: str = typer.Option(None, help="constant | decreasing [constant]"),
-    method: str = typer.Option(None, help="mergemix | mergemix-official | mergemix-r | topk | random | mixup | cutmix | resizemix | blur [mergemix]"),
-    lam: str = typer.Option(None, help="beta:ALPHA | uniform:A,B | fixed:V [beta:1.0]"),
-    lam_mode: str = typer.Option(None, help="area | paper | fixed [area]"),
-    resize: str = typer.Option(None, help="pad | center-crop | squash [pad]"),
-    image_format: str = typer.Option(None, help="jpg | png | webp (png and webp are lossless) [jpg]"),
-    jpeg_quality: int = typer.Option(None, help="JPEG quality [95]"),
-    precision: str = typer.Option(None, help="autocast dtype on CUDA: bf16 | fp16 | fp32 [bf16]"),
-    seed: int = typer.Option(None, help="run seed; per-sample draws use (seed, key) [0]"),
-    workers: int = typer.Option(None, help="encoder actors [one per GPU, else one per 2 CPUs]"),
-    batch_size: int = typer.Option(None, help="images per encoder forward [64]"),
-    samples_per_shard: int = typer.Option(None, help="inputs per work unit = per shard [1000]"),
-    device: str = typer.Option(None, help="auto | cpu | cuda [auto]"),
-    address: str = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"),
-    unit_timeout: float = typer.Option(None, help="seconds a unit may go without progress before it is cancelled and retried [3600]"),
-    overwrite: bool = typer.Option(None, "--overwrite", help="replace output written with another configuration"),
-    progress: bool = typer.Option(None, "--progress/--no-progress", help="show the progress bar [on]"),
-    config: str = typer.Option(None, "--config", help="YAML file with the same keys as these flags"),
+    input: str = _opt("input", "LLaVA .json, image folder, webdataset tars (file, glob, {a..b}, folder) or .jsonl/.parquet manifest", "--input", "-i"),
+    output: str = _opt("output", "output directory for shards/, run.json, index.json", "--output", "-o"),
+    image_root: str = _opt("image_root", "directory the input's image paths are relative to (paths may not leave it)",
+                           default="next to the JSON/JSONL/Parquet file; the folder itself"),
+    folder_labels: bool = _opt("folder_labels", "image folder: class subfolders become labels", "--folder-labels/--no-folder-labels"),
+    model: str = _opt("model", "open_clip model name, model-config JSON, or hf-hub:ORG/REPO"),
+    pretrained: str = _opt("pretrained", "open_clip tag, checkpoint PATH, or none (random weights)",
+                           default=f"{_default('pretrained')}; hf-hub: the repo's"),
+    quick_gelu: bool = _opt("quick_gelu", "a checkpoint trained with QuickGELU MLPs", "--quick-gelu/--no-quick-gelu",
+                            default="tag / model config"),
+    mean: str = _opt("mean", "R,G,B mean a checkpoint was trained with", default="tag / config preprocess_cfg / OpenAI"),
+    std: str = _opt("std", "R,G,B std a checkpoint was trained with", default="tag / config preprocess_cfg / OpenAI"),
+    merge: int = _opt("merge", "tokens removed by merging before the saliency layer, R"),
+    attn_layer: int = _opt("attn_layer", "block whose CLS attention is the saliency; negative counts from the end"),
+    prop_attn: bool = _opt("prop_attn", "proportional attention on merged tokens", "--prop-attn/--no-prop-attn"),
+    merge_schedule: str = _opt("merge_schedule", _choices(MERGE_SCHEDULES)),
+    method: str = _opt("method", _choices(METHODS)),
+    lam: str = _opt("lam", "beta:ALPHA | uniform:A,B | fixed:V"),
+    lam_mode: str = _opt("lam_mode", _choices(LAM_MODES)),
+    resize: str = _opt("resize", _choices(RESIZE_MODES)),
+    image_format: str = _opt("image_format", f"{_choices(IMAGE_FORMATS)} (png and webp are lossless)"),
+    jpeg_quality: int = _opt("jpeg_quality", "JPEG quality"),
+    precision: str = _opt("precision", f"autocast dtype on CUDA: {_choices(PRECISION_NAMES)}"),
+    seed: int = _opt("seed", "run seed; per-sample draws use (seed, key)"),
+    workers: int = _opt("workers", "encoder actors", default="one per GPU, else one per 2 CPUs"),
+    batch_size: int = _opt("batch_size", "images per encoder forward"),
+    samples_per_shard: int = _opt("samples_per_shard", "inputs per work unit = per shard"),
+    device: str = _opt("device", "auto | cpu | cuda"),
+    address: str = _opt("address", "Ray cluster address", default="RAY_ADDRESS, else a local Ray"),
+    unit_timeout: float = _opt("unit_timeout", "seconds a unit may go without progress before it is cancelled and retried"),
+    overwrite: bool = _opt("overwrite", "replace output written with another configuration", "--overwrite"),
+    progress: bool = _opt("progress", "show the progress bar", "--progress/--no-progress"),
+    config: str = _opt("config", "YAML file with the same keys as these flags", "--config"),
 ):
     """Generate MergeMix winner/loser preference shards on Ray."""
     import json

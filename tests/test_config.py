@@ -67,3 +67,21 @@ def test_how_a_checkpoint_was_trained_is_config_and_shapes_the_fingerprint(tmp_p
     assert hub.pretrained == "hf-hub:org/repo"
     assert GenerateConfig.build({"input": "x.json", "output": "out", "model": "hf-hub:org/repo",
                                  "pretrained": "none"}).pretrained == "none"
+
+
+def test_config_names_the_merge_schedules_the_algorithm_knows():
+    from pipeline.config import MERGE_SCHEDULES
+    from stages.tome import SCHEDULES
+
+    assert MERGE_SCHEDULES == SCHEDULES
+
+
+def test_help_shows_the_dataclass_defaults():
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    text = " ".join(CliRunner().invoke(app, ["generate", "--help"], terminal_width=400).output.split())
+    for flag, default in (("--merge", "288"), ("--samples-per-shard", "1000"), ("--unit-timeout", "3600.0"),
+                          ("--method", "mergemix"), ("--prop-attn", "off")):
+        assert flag in text and f"[{default}]" in text, (flag, default)
