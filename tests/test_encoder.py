@@ -11,7 +11,6 @@ import torch
 from stages.encoder import MergingEncoder
 from stages.tower import load_encoder
 from stages.errors import UserError
-from stages.tome import MergeState, bipartite_merge, max_merge, merge_schedule
 from tests.conftest import TINY_MODEL_CONFIG, direct_cls_attention
 
 
@@ -75,23 +74,6 @@ def test_merged_saliency_invariants(tmp_path, kind):
     assert (sal.token_scores.sum(1) < 4.0 + 1e-4).all()
 
 
-def test_merge_keeps_cls_first_and_conserves_mass():
-    torch.manual_seed(1)
-    x = torch.randn(2, 17, 8)
-    state = MergeState.start(x)
-    for r in (5, 3, 2):
-        before = (state.x * state.size).sum(1)
-        metric = torch.randn(*state.x.shape[:2], 4)
-        metric[:, 0] = metric[:, 1]  # CLS looks exactly like a patch: it must still never merge
-        state = bipartite_merge(state, metric, r)
-        torch.testing.assert_close((state.x * state.size).sum(1), before, atol=1e-5, rtol=1e-5)
-        assert torch.equal(state.x[:, 0], x[:, 0]) and (state.size[:, 0] == 1).all()
-    assert state.x.shape[1] == 17 - 10
-    assert (state.size.sum(1).squeeze(-1) == 17).all()
-    sizes_from_source = torch.stack([torch.bincount(s, minlength=7) for s in state.source])
-    assert torch.equal(sizes_from_source[:, 1:], state.size[:, 1:, 0].long())
-
-
 def test_merging_is_per_image(tmp_path):
     """The merge pattern of one image does not depend on the rest of the batch."""
     clip, _ = _clip(tmp_path)
@@ -110,21 +92,6 @@ def test_proportional_attention_changes_only_merged_runs(tmp_path):
     torch.testing.assert_close(plain, prop)  # log(size) = 0 when nothing merged
     plain, prop = (MergingEncoder(clip.visual, merge=30, prop_attn=p).saliency(x).grid for p in (False, True))
     assert not torch.allclose(plain, prop)
-
-
-def test_schedule_rules():
-    assert merge_schedule(98, 10, 197) == [10] * 8 + [9] * 2
-    ramp = merge_schedule(98, 10, 197, "decreasing")
-    assert sum(ramp) == 98 and ramp == sorted(ramp, reverse=True) and ramp[0] > ramp[-1]
-    assert merge_schedule(288, 22, 577) == [14, 14] + [13] * 20
-    assert merge_schedule(0, 5, 65) == [0] * 5
-    assert max_merge(65) == 32 and max_merge(2) == 0
-    capped = merge_schedule(40, 2, 65)  # 20 + 20 wanted, first block can do 32: fine as is
-    assert capped == [20, 20]
-    with pytest.raises(ValueError, match="cannot merge"):
-        merge_schedule(60, 2, 65)
-    with pytest.raises(ValueError, match="schedule"):
-        merge_schedule(10, 2, 65, "sideways")
 
 
 def test_load_from_config_json_and_local_checkpoint(tiny_model_config, tmp_path):
