@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stages.errors import UserError
+from stages.tower import OPENAI_MEAN, OPENAI_STD
 from stages.shardread import ShardRef, iter_tar_samples, read_sample, resolve_shards
 
 # open_clip / OpenAI CLIP and ImageNet channel statistics.
 NORMALIZE = {
-    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "clip": (OPENAI_MEAN, OPENAI_STD),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
