@@ -34,7 +34,8 @@ class UnitWorker:
         with collect_messages(self.messages):
             encoder = load_encoder(c.model, c.pretrained, merge=c.effective_merge, attn_layer=c.attn_layer,
                                    prop_attn=c.prop_attn, schedule=c.merge_schedule, device=device,
-                                   precision=c.precision, quick_gelu=c.quick_gelu, mean=c.mean, std=c.std)
+                                   precision=c.precision, quick_gelu=c.quick_gelu, mean=c.mean, std=c.std,
+                                   storage_options=c.storage_options)
         describe = {"model": c.model, "pretrained": None if c.pretrained in ("", "none") else c.pretrained, "seed": c.seed,
                     "method": c.method, "lam_mode": c.lam_mode, **encoder.describe()}
         describe.pop("patch_size")

@@ -44,6 +44,10 @@ def user_errors(fn):
 # --- generate ----------------------------------------------------------------------------
 
 
+OUT_HELP = "output of `generate`: a directory or an object-store URL (s3://bucket/out)"
+STORAGE_HELP = "JSON object of fsspec options for URLs (endpoint, credentials); never written anywhere"
+
+
 def _default(name: str) -> str:
     """A GenerateConfig default as --help shows it: the defaults live in the dataclass only."""
     from dataclasses import fields
@@ -102,6 +106,7 @@ def generate(
     unit_timeout: float = _opt("unit_timeout", "seconds a unit may go without progress before it is cancelled and retried"),
     overwrite: bool = _opt("overwrite", "replace output written with another configuration", "--overwrite"),
     progress: bool = _opt("progress", "show the progress bar", "--progress/--no-progress"),
+    storage_options: str = _opt("storage_options", STORAGE_HELP, "--storage-options", default=""),
     config: str = _opt("config", "YAML file with the same keys as these flags", "--config"),
 ):
     """Generate MergeMix winner/loser preference shards on Ray."""
@@ -159,13 +164,22 @@ def sample_data(
 # --- inspect -------------------------------------------------------------------------------
 
 
+def _storage_options(text: str | None) -> dict | None:
+    from pipeline.config import parse_storage_options
+
+    return parse_storage_options(text) if text else None
+
+
 @app.command("inspect")
 @user_errors
-def inspect_cmd(out: str = typer.Argument(..., help="output directory of `generate`")):
+def inspect_cmd(
+    out: str = typer.Argument(..., help=OUT_HELP),
+    storage_options: str = typer.Option(None, "--storage-options", help=STORAGE_HELP),
+):
     """Counts per status and failure reason, lam / lam_hat / margin histograms, methods, model, config."""
     from stages.report import inspect_output
 
-    typer.echo(inspect_output(out))
+    typer.echo(inspect_output(out, _storage_options(storage_options)))
 
 
 # --- validate ------------------------------------------------------------------------------
@@ -173,12 +187,15 @@ def inspect_cmd(out: str = typer.Argument(..., help="output directory of `genera
 
 @app.command("validate")
 @user_errors
-def validate_cmd(out: str = typer.Argument(..., help="output directory of `generate`")):
+def validate_cmd(
+    out: str = typer.Argument(..., help=OUT_HELP),
+    storage_options: str = typer.Option(None, "--storage-options", help=STORAGE_HELP),
+):
     """Check every committed unit: tar members against parquet rows and hashes, completeness,
     unique keys, index.json and run.json. Lists every problem; exit code 1 if any."""
     from stages.validate import validate_output
 
-    problems = validate_output(out)
+    problems = validate_output(out, _storage_options(storage_options))
     for line in problems:
         typer.echo(line)
     if problems:
@@ -193,16 +210,17 @@ def validate_cmd(out: str = typer.Argument(..., help="output directory of `gener
 @app.command("preview")
 @user_errors
 def preview_cmd(
-    out: str = typer.Argument(..., help="output directory of `generate`"),
+    out: str = typer.Argument(..., help=OUT_HELP),
     n: int = typer.Option(16, "--n", help="number of pairs (rows)"),
     output: str = typer.Option("preview.png", "--output", "-o", help="PNG file to write"),
+    storage_options: str = typer.Option(None, "--storage-options", help=STORAGE_HELP),
 ):
     """Contact sheet PNG: winner, loser, mask overlay (and saliency) with key, lam, lam_hat, margin."""
     from pathlib import Path
 
     from stages.preview import make_contact_sheet
 
-    path = make_contact_sheet(Path(out), n, Path(output))
+    path = make_contact_sheet(out, n, Path(output), _storage_options(storage_options))
     typer.echo(f"wrote {path}")
 
 
@@ -237,6 +255,7 @@ def train_cmd(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --output from its checkpoint"),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="train on the units committed now of an unfinished output (a fixed set, announced)"),
+    storage_options: str = typer.Option(None, "--storage-options", help=STORAGE_HELP),
 ):
     """Train a model on the shards with SFT + mixed SimPO (docs/METHOD.md section 5)."""
     from stages.train import TrainConfig, train
@@ -247,6 +266,7 @@ def train_cmd(
         weight_decay=weight_decay, warmup=warmup, max_grad_norm=max_grad_norm, log_every=log_every, save_every=save_every,
         beta=beta, sft_weight=sft_weight, pref_weight=pref_weight, two_sided=two_sided, margin_from=margin_from, seed=seed,
         num_workers=num_workers, device=device, resume=resume, allow_partial=allow_partial,
+        storage_options=_storage_options(storage_options),
     ), echo=typer.echo)
     typer.echo(f"done: step {result['step']}, run folder {result['output']}")
 

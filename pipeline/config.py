@@ -26,7 +26,9 @@ MERGE_SCHEDULES = ("constant", "decreasing")  # = stages.tome.SCHEDULES (tome ne
 
 # Keys that do not change a single output byte: they may differ between a run and its resume.
 RUN_ONLY_KEYS = frozenset({"output", "workers", "batch_size", "address", "overwrite", "config", "device", "progress",
-                           "unit_timeout"})
+                           "unit_timeout", "storage_options"})
+LOCATION_KEYS = frozenset({"input", "image_root"})  # where the records are; the input digest says what they are
+SECRET_KEYS = frozenset({"storage_options"})  # may hold credentials: never written to run.json, rows or the terminal
 
 
 @dataclass
@@ -59,6 +61,7 @@ class GenerateConfig:
     device: str = "auto"  # auto | cpu | cuda
     address: str | None = None
     unit_timeout: float = 3600.0  # seconds a unit's current stage may go without progress
+    storage_options: dict | None = None  # fsspec options for URL inputs/outputs (endpoint, keys, ...)
     overwrite: bool = False
     progress: bool = True
     config: str | None = None
@@ -106,7 +109,11 @@ class GenerateConfig:
             self.std = list(parse_triple(self.std, "--std", positive=True))
         if not 1 <= self.jpeg_quality <= 100:
             raise UserError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
-        if self.image_root is not None and not Path(self.image_root).is_dir():
+        if isinstance(self.storage_options, str):
+            self.storage_options = parse_storage_options(self.storage_options)
+        if self.storage_options is not None and not isinstance(self.storage_options, dict):
+            raise UserError("--storage-options must be a JSON object, e.g. '{\"client_kwargs\": {\"endpoint_url\": \"http://...\"}}'")
+        if self.image_root is not None and "://" not in self.image_root and not Path(self.image_root).is_dir():
             raise UserError(f"--image-root {self.image_root} is not a directory")
 
     @property
@@ -115,13 +122,18 @@ class GenerateConfig:
         return 0 if self.method == "topk" else self.merge
 
     def to_dict(self) -> dict:
+        """Every key, secrets included: for the workers of this run."""
         return asdict(self)
+
+    def record(self) -> dict:
+        """What run.json keeps of the config: every key but the secrets."""
+        return {k: v for k, v in self.to_dict().items() if k not in SECRET_KEYS}
 
     def output_keys(self) -> dict:
         d = {k: v for k, v in self.to_dict().items() if k not in RUN_ONLY_KEYS}
         d["merge"] = self.effective_merge
         d["input"] = str(Path(self.input).resolve()) if "://" not in self.input else self.input
-        if self.image_root:
+        if self.image_root and "://" not in self.image_root:
             d["image_root"] = str(Path(self.image_root).resolve())
         if self.image_format != "jpg":
             d.pop("jpeg_quality")
@@ -129,8 +141,10 @@ class GenerateConfig:
 
     def fingerprint(self, input_digest: str = "", tower: dict | None = None) -> str:
         """Hash of everything that shapes the output: these keys, the input's records and the
-        tower's resolved settings (activation, mean/std, interpolation: stages.tower)."""
-        keys = self.output_keys() | {"input_digest": input_digest} | ({"tower": tower} if tower else {})
+        tower's resolved settings (activation, mean/std, interpolation: stages.tower). Not where
+        the input lives: the same records read from a disk or a bucket give the same shards."""
+        keys = {k: v for k, v in self.output_keys().items() if k not in LOCATION_KEYS}
+        keys |= {"input_digest": input_digest} | ({"tower": tower} if tower else {})
         text = json.dumps(keys, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -146,3 +160,14 @@ def load_yaml(path: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must be a mapping of keys to values")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_storage_options(text: str) -> dict:
+    """--storage-options: a JSON object of fsspec options (endpoint, credentials, ...)."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise UserError(f"--storage-options is not valid JSON ({exc.msg}); pass a JSON object") from None
+    if not isinstance(value, dict):
+        raise UserError("--storage-options must be a JSON object")
+    return value

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pipeline import tasks
 from pipeline.actor import ActorMessages, UnitWorker
 from pipeline.config import GenerateConfig
-from pipeline.distribute import Distributor, connect, size_from_cluster, units_in_flight
+from pipeline.distribute import Distributor, connect, one_line, size_from_cluster, units_in_flight
 from pipeline.tasks import Unit
 from schemas.layout import INDEX_FILE, SHARDS_DIR
 from schemas.shard import SCHEMA_VERSION
@@ -29,7 +29,7 @@ from stages.errors import UserError
 from stages.lease import Lease
 from stages.listing import default_image_root, detect_kind, list_input
 from stages.outdir import committed_units, read_run_file, remove_leftovers, remove_output
-from stages.storage import open_store
+from stages.storage import input_fs, is_url, open_store
 from stages.tower import resolve_pretrained, resolve_tower
 from stages.writer import package_versions, write_run_files
 
@@ -80,19 +80,21 @@ def check_output(store, cfg: GenerateConfig, fingerprint: str, planned: range) -
 
 def generate(cfg: GenerateConfig) -> RunResult:
     t0 = time.perf_counter()
-    store = open_store(cfg.output)
-    kind = detect_kind(cfg.input)
+    opts = cfg.storage_options
+    store = _open_output(cfg.output, opts)
+    kind = detect_kind(cfg.input, opts)
     image_root = cfg.image_root or default_image_root(cfg.input, kind)
+    _check_image_root(image_root, opts)
     # The tower and its settings, from configs: an unusable tower or contradicting flags fail here,
     # in one line, before any worker starts; so do weights that cannot be fetched.
     tower = resolve_tower(cfg.model, cfg.pretrained, quick_gelu=cfg.quick_gelu, mean=cfg.mean, std=cfg.std)
-    resolve_pretrained(cfg.model, tower.weights)
+    resolve_pretrained(cfg.model, tower.weights, opts, download=False)
     print(tower.summary(), file=sys.stderr)
     _check_writable(store)
     with Lease(store, "generate") as lease:
         # The records (ids, image references, text) are part of the fingerprint: resuming after
         # the input changed would mix units of two different inputs.
-        listing = list_input(cfg.input, cfg.samples_per_shard, folder_labels=cfg.folder_labels)
+        listing = list_input(cfg.input, cfg.samples_per_shard, folder_labels=cfg.folder_labels, storage_options=opts)
         if not listing.count:
             raise UserError(f"{cfg.input} holds no samples")
         fingerprint = cfg.fingerprint(listing.digest, tower.describe())
@@ -115,7 +117,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
         _run_files(store, {
             "fingerprint": fingerprint,
             "input_digest": listing.digest,
-            "config": cfg.to_dict(),
+            "config": cfg.record(),
             "output_config": cfg.output_keys(),
             "tower": {"model": tower.model, "weights": tower.weights, **tower.describe(),
                       "pad_rgb": list(tower.pad_rgb), "settings_from": tower.settings_from},
@@ -154,11 +156,12 @@ def _distribute(cfg: GenerateConfig, units: list[Unit], tower, image_root, finge
     write = _write.options(num_cpus=sizing.task_cpus, max_retries=3)
 
     def submit(unit: Unit, actor):
-        prepared = prepare.remote(unit, tower.image_size, cfg.resize, image_root, tower.pad_rgb, tower.interpolation)
+        prepared = prepare.remote(unit, tower.image_size, cfg.resize, image_root, tower.pad_rgb, tower.interpolation,
+                                  cfg.storage_options)
         decided = actor.make.remote(prepared)
         # The writer takes the prepared pixels straight from the object store: the actor returns decisions only.
         return prepared, decided, write.remote(prepared, decided, cfg.output, cfg.image_format, cfg.jpeg_quality,
-                                               fingerprint)
+                                               fingerprint, cfg.storage_options)
 
     bar = tqdm(total=sum(u.size for u in units), unit="pair", disable=not cfg.progress, dynamic_ncols=True,
                desc="generate")
@@ -182,6 +185,25 @@ def _distribute(cfg: GenerateConfig, units: list[Unit], tower, image_root, finge
             ray.kill(actor)
 
 
+def _open_output(location: str, storage_options: dict | None):
+    try:
+        return open_store(location, storage_options)
+    except (ImportError, ValueError) as exc:  # no fsspec implementation for the protocol, bad URL
+        raise UserError(f"cannot open --output {location}: {one_line(exc)} (s3:// needs `pip install s3fs`, "
+                        "gs:// `pip install gcsfs`)") from None
+
+
+def _check_image_root(image_root: str | None, storage_options: dict | None) -> None:
+    """An image root on an object store must be reachable (a local one is checked with the config)."""
+    if image_root is None or not is_url(image_root):
+        return
+    try:
+        fs, path = input_fs(image_root, storage_options)
+        fs.ls(path)
+    except Exception as exc:  # no bucket, no endpoint, no credentials
+        raise UserError(f"cannot read --image-root {image_root}: {one_line(exc)}") from None
+
+
 def _check_writable(store) -> None:
     """Create OUT/shards and prove a file can be written there, before any worker starts."""
     try:
@@ -190,8 +212,11 @@ def _check_writable(store) -> None:
         store.write_bytes(probe, b"ok")
         store.delete(probe)
     except OSError as exc:
-        raise UserError(f"cannot write to --output {store.url}: {exc.strerror or exc} ({exc.filename or store.url}); "
+        where = getattr(exc, "filename", None) or store.url
+        raise UserError(f"cannot write to --output {store.url}: {exc.strerror or one_line(exc)} ({where}); "
                         "choose a writable directory") from None
+    except Exception as exc:  # an object store that cannot be reached: botocore and aiohttp errors
+        raise UserError(f"cannot write to --output {store.url}: {one_line(exc)}") from None
 
 
 def _run_files(store, info: dict) -> None:

@@ -9,7 +9,6 @@ what it imports, free of torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from stages.listing import Slice
 from stages.compose import pair_images
@@ -17,6 +16,7 @@ from stages.decide import UnitDecisions
 from stages.prepare import PreparedUnit, prepare_unit
 from stages.preprocess import CLIP_MEAN_RGB
 from stages.read import read_slice
+from stages.storage import open_store
 from stages.writer import write_unit
 
 
@@ -33,16 +33,18 @@ class Unit:
 
 
 def prepare(unit: Unit, image_size, resize: str, image_root: str | None, fill=CLIP_MEAN_RGB,
-            interpolation: str = "bicubic") -> PreparedUnit:
-    records = read_slice(unit.slice)
+            interpolation: str = "bicubic", storage_options: dict | None = None) -> PreparedUnit:
+    records = read_slice(unit.slice, storage_options)
     return prepare_unit(unit.unit_id, unit.slice.first_index, records, image_size, resize, image_root, fill,
-                        interpolation)
+                        interpolation, storage_options)
 
 
-def write(unit: PreparedUnit, decided: UnitDecisions, out_dir: str, image_format: str, jpeg_quality: int,
-          fingerprint: str) -> dict:
-    """Write one unit. `unit` is the prepared unit the actor saw (its pixels are the winners,
-    read from Ray's object store without a copy); `decided` is what the actor decided."""
+def write(unit: PreparedUnit, decided: UnitDecisions, out: str, image_format: str, jpeg_quality: int,
+          fingerprint: str, storage_options: dict | None = None) -> dict:
+    """Write one unit to the output `out` (a folder or an object-store URL). `unit` is the
+    prepared unit the actor saw (its pixels are the winners, read from Ray's object store
+    without a copy); `decided` is what the actor decided."""
     images = pair_images(decided.ok_keys, decided.masks, decided.partners, unit.pixels, decided.losers)
-    return write_unit(Path(out_dir), decided.unit_id, decided.rows, images, image_format=image_format,
-                      jpeg_quality=jpeg_quality, fingerprint=fingerprint, extra_stats={"timings": decided.timings})
+    return write_unit(open_store(out, storage_options), decided.unit_id, decided.rows, images,
+                      image_format=image_format, jpeg_quality=jpeg_quality, fingerprint=fingerprint,
+                      extra_stats={"timings": decided.timings})

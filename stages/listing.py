@@ -19,18 +19,18 @@ is refused, so units of two different inputs are never mixed.
 from __future__ import annotations
 
 import codecs
-import glob
 import hashlib
 import json
 import os
 import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator
 
 import braceexpand
 
 from stages.errors import UserError
+from stages.storage import input_fs, is_url, local_path
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TEXT_EXTS = ("json", "txt", "cls")
@@ -72,22 +72,37 @@ class Listing:
     slices: list[Slice] = field(default_factory=list)
 
 
-def detect_kind(path: str) -> str:
-    p = Path(path)
-    if any(c in path for c in "*{?") or p.suffix == ".tar":
+def detect_kind(path: str, storage_options: dict | None = None) -> str:
+    """The input's kind from its name, or from what a folder holds. Local or any fsspec URL."""
+    suffix = PurePosixPath(path.split("://", 1)[-1]).suffix.lower()
+    if any(c in path for c in "*{?") or suffix == ".tar":
         return "webdataset"
-    if p.is_dir():
-        return "webdataset" if any(p.glob("*.tar")) and not _has_images(p) else "folder"
-    if not p.exists():
+    try:
+        fs, p = input_fs(path, storage_options)
+        if fs.isdir(p):
+            return "webdataset" if _has_tars(fs, p) and not _has_images(fs, p) else "folder"
+        exists = fs.exists(p)
+    except Exception as exc:  # no such bucket, no endpoint, no credentials: one line, not a traceback
+        raise UserError(f"cannot read input {path}: {_one_line(exc)}") from None
+    if not exists:
         raise UserError(f"input {path} does not exist")
     kinds = {".json": "llava", ".jsonl": "jsonl", ".parquet": "parquet"}
-    if p.suffix.lower() not in kinds:
+    if suffix not in kinds:
         raise UserError(f"cannot tell the input kind of {path}: use a LLaVA .json, a .jsonl or .parquet manifest, .tar shards or an image folder")
-    return kinds[p.suffix.lower()]
+    return kinds[suffix]
 
 
-def _has_images(folder: Path) -> bool:
-    return any(f.suffix.lower() in IMAGE_EXTS for f in folder.rglob("*") if f.is_file())
+def _has_tars(fs, folder: str) -> bool:
+    return any(str(name).endswith(".tar") for name in fs.ls(folder, detail=False))
+
+
+def _has_images(fs, folder: str) -> bool:
+    return any(os.path.splitext(str(f))[1].lower() in IMAGE_EXTS for f in fs.find(folder))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def default_image_root(input_path: str, kind: str) -> str | None:
@@ -96,20 +111,27 @@ def default_image_root(input_path: str, kind: str) -> str | None:
     if kind == "folder":
         return input_path
     if kind in ("llava", "jsonl", "parquet"):
-        return str(Path(input_path).resolve().parent)
+        if is_url(input_path):
+            return input_path.rsplit("/", 1)[0]
+        return str(Path(local_path(input_path)).resolve().parent)
     return None
 
 
-def list_input(path: str, per_unit: int, *, folder_labels: bool = False) -> Listing:
+def list_input(path: str, per_unit: int, *, folder_labels: bool = False, storage_options: dict | None = None) -> Listing:
     """Stream the input once: its kind, record count, digest and one slice per unit."""
     if per_unit < 1:
         raise ValueError(f"per_unit must be >= 1, got {per_unit}")
-    kind = detect_kind(path)
+    kind = detect_kind(path, storage_options)
     lister = {"llava": _list_llava, "jsonl": _list_jsonl, "parquet": _list_parquet, "folder": _list_folder,
               "webdataset": _list_webdataset}[kind]
-    if kind == "folder":
-        return lister(path, per_unit, folder_labels)
-    return lister(path, per_unit)
+    try:
+        if kind == "folder":
+            return lister(path, per_unit, storage_options, folder_labels)
+        return lister(path, per_unit, storage_options)
+    except UserError:
+        raise
+    except (OSError, ValueError) as exc:  # the input went away or the store failed after retries
+        raise UserError(f"cannot read input {path}: {_one_line(exc)}") from None
 
 
 class _Units:
@@ -154,14 +176,19 @@ def _chunks(f: BinaryIO, h) -> Iterator[bytes]:
         yield data
 
 
-def _list_llava(path: str, per_unit: int) -> Listing:
+def _open(path: str, storage_options: dict | None):
+    fs, p = input_fs(path, storage_options)
+    return fs.open(p, "rb")
+
+
+def _list_llava(path: str, per_unit: int, storage_options: dict | None = None) -> Listing:
     """Element boundaries of the top-level JSON array, found by parsing one element at a time
     from a sliding buffer. Bytes are decoded with surrogateescape so character positions map
     back to exact byte offsets (slices are byte ranges)."""
     h = hashlib.sha256()
     units = _Units("llava", per_unit, source=str(path))
     decoder = json.JSONDecoder()
-    with open(path, "rb") as f:
+    with _open(path, storage_options) as f:
         chunks = _chunks(f, h)
         utf8 = codecs.getincrementaldecoder("utf-8")("surrogateescape")
         buf, pos, eof = "", 0, False
@@ -238,11 +265,11 @@ def _list_llava(path: str, per_unit: int) -> Listing:
 # --- JSONL -------------------------------------------------------------------------------
 
 
-def _list_jsonl(path: str, per_unit: int) -> Listing:
+def _list_jsonl(path: str, per_unit: int, storage_options: dict | None = None) -> Listing:
     h = hashlib.sha256()
     units = _Units("jsonl", per_unit, source=str(path))
     offset = 0
-    with open(path, "rb") as f:
+    with _open(path, storage_options) as f:
         for line_no, raw in enumerate(f):
             h.update(raw)
             if raw.strip():
@@ -260,19 +287,21 @@ def parquet_columns(names: list[str]) -> tuple[str | None, list[str]]:
     return bytes_col, [c for c in names if c != bytes_col]
 
 
-def _list_parquet(path: str, per_unit: int) -> Listing:
+def _list_parquet(path: str, per_unit: int, storage_options: dict | None = None) -> Listing:
     """Rows from the footer; the digest from the raw bytes of the text columns' chunks (their
     content as stored, hashed without decoding) and the sizes of the image-bytes chunks."""
     import pyarrow.parquet as pq
 
+    f = _open(path, storage_options)
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(f)
     except Exception as exc:  # pyarrow raises several types for a bad file
+        f.close()
         raise UserError(f"cannot read parquet manifest {path}: {exc}") from None
     meta = pf.metadata
     bytes_col, _ = parquet_columns(pf.schema_arrow.names)
     h = hashlib.sha256(str(pf.schema_arrow).encode())
-    with open(path, "rb") as f:
+    with f:
         for g in range(meta.num_row_groups):
             group = meta.row_group(g)
             h.update(f"group {group.num_rows}\n".encode())
@@ -306,8 +335,13 @@ def _walk(root: Path, rel: str = "") -> Iterator[str]:
                 yield name
 
 
-def _list_folder(path: str, per_unit: int, folder_labels: bool) -> Listing:
-    names = sorted(_walk(Path(path)))
+def _list_folder(path: str, per_unit: int, storage_options: dict | None, folder_labels: bool) -> Listing:
+    if is_url(path):  # an object store: keys under the prefix (no symlinks there)
+        fs, root = input_fs(path, storage_options)
+        root = root.rstrip("/")
+        names = sorted(f[len(root) + 1:] for f in fs.find(root) if os.path.splitext(f)[1].lower() in IMAGE_EXTS)
+    else:
+        names = sorted(_walk(Path(local_path(path))))
     h = hashlib.sha256()
     units = _Units("folder", per_unit, folder_labels=folder_labels)
     for name in names:
@@ -319,24 +353,39 @@ def _list_folder(path: str, per_unit: int, folder_labels: bool) -> Listing:
 # --- webdataset tars ----------------------------------------------------------------------
 
 
-def expand_tar_paths(spec: str) -> list[str]:
-    if Path(spec).is_dir():
-        paths = sorted(str(p) for p in Path(spec).glob("*.tar"))
+def expand_tar_paths(spec: str, storage_options: dict | None = None) -> list[str]:
+    """The tars a webdataset spec names (a tar, a folder of tars, a glob, a {a..b} list), local
+    or under an fsspec URL; URLs come back as URLs."""
+    fs, root = input_fs(spec, storage_options)
+    prefix = spec[: spec.index("://") + 3] if is_url(spec) else ""
+
+    def as_spec(p: str) -> str:  # a file system path back to the form the user gave
+        return prefix + p if prefix and "://" not in p else p
+
+    pattern = "{" in spec or any(c in spec for c in "*?[")
+    if not pattern and fs.isdir(root):
+        paths = sorted(as_spec(p) for p in fs.ls(root, detail=False) if str(p).endswith(".tar"))
     else:
-        paths = sorted({p for s in braceexpand.braceexpand(spec) for p in (glob.glob(s) if any(c in s for c in "*?[") else [s])})
-    missing = [p for p in paths if not Path(p).is_file()]
+        paths = set()
+        for one in braceexpand.braceexpand(spec):
+            if any(c in one for c in "*?["):
+                paths.update(as_spec(p) for p in fs.glob(input_fs(one, storage_options)[1]))
+            else:
+                paths.add(one)
+        paths = sorted(paths)
+    missing = [p for p in paths if not fs.isfile(input_fs(p, storage_options)[1])]
     if not paths or missing:
         raise UserError(f"no webdataset tars found for {spec}" + (f" (missing: {missing[0]})" if missing else ""))
     return paths
 
 
-def _tar_samples(tar_path: str, h) -> list[TarSample]:
+def _tar_samples(tar_path: str, h, storage_options: dict | None = None) -> list[TarSample]:
     """Samples of one tar in order of first appearance (webdataset groups members by the part
     of the name before the first dot of its basename). Streams the tar once: text members are
     hashed as they pass, image members only by name and size."""
     samples: dict[str, dict] = {}
     try:
-        with tarfile.open(tar_path, mode="r|") as tf:
+        with _open(tar_path, storage_options) as f, tarfile.open(fileobj=f, mode="r|") as tf:
             for m in tf:
                 if not m.isfile():
                     continue
@@ -359,11 +408,12 @@ def _tar_samples(tar_path: str, h) -> list[TarSample]:
     return out
 
 
-def _list_webdataset(spec: str, per_unit: int) -> Listing:
+def _list_webdataset(spec: str, per_unit: int, storage_options: dict | None = None) -> Listing:
     h = hashlib.sha256()
     units = _Units("webdataset", per_unit)
-    for tar_path in expand_tar_paths(spec):
-        h.update(f"tar {os.path.getsize(tar_path)}\n".encode())
-        for sample in _tar_samples(tar_path, h):
+    for tar_path in expand_tar_paths(spec, storage_options):
+        fs, p = input_fs(tar_path, storage_options)
+        h.update(f"tar {fs.size(p)}\n".encode())
+        for sample in _tar_samples(tar_path, h, storage_options):
             units.add(item=sample)
     return Listing("webdataset", units.count, h.hexdigest()[:16], units.finish())

@@ -52,6 +52,7 @@ class ShardDataset(IterableDataset):
         shuffle_shards: bool = False,
         seed: int = 0,
         include_mask: bool = False,
+        storage_options: dict | None = None,
     ):
         super().__init__()
         if normalize is not None and normalize not in NORMALIZE:
@@ -60,7 +61,7 @@ class ShardDataset(IterableDataset):
             image_size = (image_size, image_size)
         if image_size is not None and (len(image_size) != 2 or min(image_size) <= 0):
             raise UserError(f"image_size={image_size!r} must be a positive int or (h, w)")
-        self.shards: list[ShardRef] = resolve_shards(source)
+        self.shards: list[ShardRef] = resolve_shards(source, storage_options)
         self.normalize = normalize
         self.image_size = tuple(image_size) if image_size is not None else None
         self.shuffle_shards = shuffle_shards
@@ -90,7 +91,7 @@ class ShardDataset(IterableDataset):
         return t
 
     def _sample(self, ref: ShardRef, key: str, parts: dict[str, bytes]) -> dict:
-        rec, winner, loser, mask = read_sample(parts, f"{ref.tar}: sample {key}", self.include_mask)
+        rec, winner, loser, mask = read_sample(parts, f"{ref.where}: sample {key}", self.include_mask)
         conv = rec.get("conversations")
         sample = {
             "key": key,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -28,11 +27,12 @@ class PreparedUnit:
 
 
 def prepare_unit(unit_id: int, first_index: int, records: list[InputRecord], image_size: tuple[int, int],
-                 resize: str, image_root: str | None, fill=CLIP_MEAN_RGB, interpolation: str = "bicubic") -> PreparedUnit:
+                 resize: str, image_root: str | None, fill=CLIP_MEAN_RGB, interpolation: str = "bicubic",
+                 storage_options: dict | None = None) -> PreparedUnit:
     """Decode one unit's inputs. Bad input becomes a failed/skipped row, never an exception.
     `fill` (pad and transparency colour) and `interpolation` are the tower's (stages.tower)."""
     start = time.perf_counter()
-    root = Path(image_root) if image_root else None
+    root = image_root or None  # a local folder or an object-store URL (stages.read)
     rows, handles = [], {}
     # Filled in place: no list of arrays plus a stacked copy (half the task's peak memory).
     pixels, n_ok = np.empty((len(records), *image_size, 3), np.uint8), 0
@@ -48,7 +48,7 @@ def prepare_unit(unit_id: int, first_index: int, records: list[InputRecord], ima
                 if rec.image is None:
                     row.update(status="skipped", error="no_image: text-only sample")
                 else:
-                    array, orig = load_pixels(load_image_bytes(rec.image, root, handles), image_size, resize, fill,
+                    array, orig = load_pixels(load_image_bytes(rec.image, root, handles, storage_options), image_size, resize, fill,
                                               interpolation)
                     pixels[n_ok] = array
                     n_ok += 1

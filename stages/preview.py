@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from stages.compose import upsample
 from stages.errors import UserError
-from stages.shardread import iter_tar_samples, output_shards_dir, read_sample, resolve_shards
+from stages.shardread import iter_tar_samples, output_store, read_sample, resolve_shards
 
 TILE_H = 160  # every image is scaled to this height
 PAD = 6
@@ -72,23 +72,23 @@ def _tile(pixels: np.ndarray) -> Image.Image:
     return img.resize((w, TILE_H), resample)
 
 
-def _first_pairs(out_dir: Path, n: int) -> list[dict]:
+def _first_pairs(out_dir, n: int, storage_options: dict | None) -> list[dict]:
     pairs = []
-    for ref in resolve_shards(out_dir):
+    for ref in resolve_shards(out_dir, storage_options):
         for key, parts in iter_tar_samples(ref):
-            rec, winner, loser, mask = read_sample(parts, f"{ref.tar}: sample {key}")
+            rec, winner, loser, mask = read_sample(parts, f"{ref.where}: sample {key}")
             pairs.append({"rec": rec, "winner": winner, "loser": loser, "mask": mask})
             if len(pairs) == n:
                 return pairs
     return pairs
 
 
-def make_contact_sheet(out_dir: Path, n: int, path: Path) -> Path:
+def make_contact_sheet(out_dir, n: int, path: Path, storage_options: dict | None = None) -> Path:
     """Write a PNG with one row per pair (the first `n` ok pairs in shard order) and return its path."""
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
-    output_shards_dir(out_dir)
-    pairs = _first_pairs(Path(out_dir), n)
+    output_store(out_dir, storage_options)
+    pairs = _first_pairs(out_dir, n, storage_options)
     if not pairs:
         raise UserError(f"{out_dir} has no ok pairs to show")
     show_sal = any(p["rec"].get("saliency") for p in pairs)

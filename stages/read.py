@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import stat
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from stages.listing import Slice, parquet_columns
+from stages.storage import input_fs, is_url, local_path, read_with_retries
 
 PROMPT_COLUMNS = ("prompt", "question", "caption", "text")
 MAX_FILE_BYTES = 512 << 20  # larger image files are refused before reading (too_large)
@@ -56,24 +58,30 @@ def clean_text(value: str | None) -> str | None:
 # --- the records of a slice --------------------------------------------------------------
 
 
-def read_slice(s: Slice) -> list[InputRecord]:
-    """The records of one unit, in input order."""
-    records = {"llava": _read_llava, "jsonl": _read_jsonl, "parquet": _read_parquet, "folder": _read_folder,
-               "webdataset": _read_webdataset}[s.kind](s)
+def read_slice(s: Slice, storage_options: dict | None = None) -> list[InputRecord]:
+    """The records of one unit, in input order (the input local or under an fsspec URL)."""
+    reader = {"llava": _read_llava, "jsonl": _read_jsonl, "parquet": _read_parquet, "folder": _read_folder,
+              "webdataset": _read_webdataset}[s.kind]
+    records = reader(s, storage_options)
     if len(records) != s.count:
         raise ValueError(f"{s.source or s.kind}: {len(records)} records where the listing found {s.count}; "
                          "the input changed while the run was going")
     return records
 
 
-def _read_range(path: str, start: int, stop: int) -> bytes:
-    with open(path, "rb") as f:
+def _open(path: str, storage_options: dict | None):
+    fs, p = input_fs(path, storage_options)
+    return read_with_retries(fs.open, p, "rb")
+
+
+def _read_range(path: str, start: int, stop: int, storage_options: dict | None) -> bytes:
+    with _open(path, storage_options) as f:  # on an object store: one range request
         f.seek(start)
         return f.read(stop - start)
 
 
-def _read_llava(s: Slice) -> list[InputRecord]:
-    text = _read_range(s.source, s.start, s.stop).decode("utf-8", errors="replace")
+def _read_llava(s: Slice, storage_options: dict | None = None) -> list[InputRecord]:
+    text = _read_range(s.source, s.start, s.stop, storage_options).decode("utf-8", errors="replace")
     rows = json.loads("[" + text + "]")  # the slice runs from its first element to its last
     return [_llava_record(s.first_index + i, row) for i, row in enumerate(rows)]
 
@@ -115,9 +123,9 @@ def _first_turn(conv: list) -> tuple[str | None, str | None]:
     return prompt, answer
 
 
-def _read_jsonl(s: Slice) -> list[InputRecord]:
+def _read_jsonl(s: Slice, storage_options: dict | None = None) -> list[InputRecord]:
     records = []
-    lines = _read_range(s.source, s.start, s.stop).splitlines(keepends=True)
+    lines = _read_range(s.source, s.start, s.stop, storage_options).splitlines(keepends=True)
     for line_no, raw in enumerate(lines, start=s.first_line):
         if not raw.strip():
             continue
@@ -133,10 +141,10 @@ def _read_jsonl(s: Slice) -> list[InputRecord]:
     return records
 
 
-def _read_parquet(s: Slice) -> list[InputRecord]:
+def _read_parquet(s: Slice, storage_options: dict | None = None) -> list[InputRecord]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(s.source)
+    pf = pq.ParquetFile(_open(s.source, storage_options))
     bytes_col, text_cols = parquet_columns(pf.schema_arrow.names)
     records, first = [], 0
     for group in range(pf.metadata.num_row_groups):
@@ -179,13 +187,13 @@ def _fill_text(record: InputRecord, meta: dict) -> None:
         record.label = str(meta["label"])
 
 
-def _read_folder(s: Slice) -> list[InputRecord]:
+def _read_folder(s: Slice, storage_options: dict | None = None) -> list[InputRecord]:
     return [InputRecord(rel, ("file", rel), label=rel.split("/")[0] if s.folder_labels and "/" in rel else None)
             for rel in s.items]
 
 
-def _read_webdataset(s: Slice) -> list[InputRecord]:
-    records, handles = [], {}
+def _read_webdataset(s: Slice, storage_options: dict | None = None) -> list[InputRecord]:
+    records, handles = [], {"storage_options": storage_options}
     try:
         for sample in s.items:
             image = ("tar", sample.tar, sample.image[1], sample.image[2], sample.image[0]) if sample.image else None
@@ -197,8 +205,7 @@ def _read_webdataset(s: Slice) -> list[InputRecord]:
                     record.error = f"malformed_row: {ext} member: {exc}"
             records.append(record)
     finally:
-        for f in handles.values():
-            f.close()
+        close_handles(handles)
     return records
 
 
@@ -220,9 +227,10 @@ def _fill_tar_text(record: InputRecord, ext: str, data: bytes) -> None:
 
 
 def _read_at(handles: dict, path: str, offset: int, size: int) -> bytes:
-    """`size` bytes at `offset` of a tar (its members are read in place, never extracted)."""
+    """`size` bytes at `offset` of a tar (its members are read in place, never extracted; on an
+    object store, a range request)."""
     if path not in handles:
-        handles[path] = open(path, "rb")
+        handles[path] = _open(path, handles.get("storage_options"))
     f = handles[path]
     f.seek(offset)
     data = f.read(size)
@@ -272,14 +280,43 @@ def read_image_file(path: Path, name: str) -> bytes:
             raise InputError("unreadable_file", f"{name}: {exc.strerror or exc}") from None
 
 
-def load_image_bytes(ref: tuple, image_root: Path | None, cache: dict | None = None) -> bytes:
+def key_inside(root: str, relative: str) -> str:
+    """The object key of `relative` under an object-store root URL; refuses anything that would
+    leave the root's prefix (absolute keys, URLs of other buckets, '..' escapes)."""
+    if "://" in relative or relative.startswith(("/", "\\", "~")):
+        raise InputError("path_outside_root", f"absolute path {relative!r} refused")
+    normal = posixpath.normpath(relative)
+    if normal == ".." or normal.startswith("../") or ".." in PurePosixPath(relative).parts:
+        raise InputError("path_outside_root", f"path {relative!r} escapes the image root")
+    return f"{root.rstrip('/')}/{normal}"
+
+
+def read_image_object(url: str, name: str, storage_options: dict | None) -> bytes:
+    """Bytes of an image object; at most MAX_FILE_BYTES are fetched (a bigger one is refused)."""
+    fs, path = input_fs(url, storage_options)
+    try:
+        with read_with_retries(fs.open, path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise InputError("missing_file", f"{name} not found") from None
+    except (PermissionError, IsADirectoryError) as exc:
+        raise InputError("unreadable_file", f"{name}: {exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise InputError("too_large", f"{name} is over {MAX_FILE_BYTES >> 20} MiB")
+    return data
+
+
+def load_image_bytes(ref: tuple, image_root, cache: dict | None = None, storage_options: dict | None = None) -> bytes:
     """Bytes of one image. `cache` keeps open tar files and Parquet row groups across a unit."""
     kind = ref[0]
     cache = {} if cache is None else cache
+    cache.setdefault("storage_options", storage_options)
     if kind == "file":
         if image_root is None:
             raise InputError("no_image_root", "image paths need --image-root")
-        return read_image_file(resolve_inside(image_root, ref[1]), ref[1])
+        if is_url(str(image_root)):
+            return read_image_object(key_inside(str(image_root), ref[1]), ref[1], storage_options)
+        return read_image_file(resolve_inside(Path(local_path(image_root)), ref[1]), ref[1])
     if kind == "tar":
         _, path, offset, size, _name = ref
         if size > MAX_FILE_BYTES:
@@ -290,9 +327,7 @@ def load_image_bytes(ref: tuple, image_root: Path | None, cache: dict | None = N
         group, local = _parquet_position(cache, path, row)
         key = (path, group, column)
         if key not in cache:
-            import pyarrow.parquet as pq
-
-            cache[key] = pq.ParquetFile(path).read_row_group(group, columns=[column]).column(0).to_pylist()
+            cache[key] = _parquet_file(cache, path).read_row_group(group, columns=[column]).column(0).to_pylist()
         value = cache[key][local]
         if not value:
             raise InputError("empty_file", "image bytes are empty")
@@ -304,9 +339,7 @@ def _parquet_position(cache: dict, path: str, row: int) -> tuple[int, int]:
     """(row group, row inside it) of a manifest row."""
     key = ("rows", path)
     if key not in cache:
-        import pyarrow.parquet as pq
-
-        meta = pq.ParquetFile(path).metadata
+        meta = _parquet_file(cache, path).metadata
         cache[key] = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
     for group, n in enumerate(cache[key]):
         if row < n:
@@ -315,7 +348,19 @@ def _parquet_position(cache: dict, path: str, row: int) -> tuple[int, int]:
     raise ValueError(f"row beyond the end of {path}")
 
 
+def _parquet_file(cache: dict, path: str):
+    """The manifest's ParquetFile, opened once per unit (its file closes with the unit's handles)."""
+    key = ("file", path)
+    if key not in cache:
+        import pyarrow.parquet as pq
+
+        cache[key] = _open(path, cache.get("storage_options"))
+        cache[("pf", path)] = pq.ParquetFile(cache[key])
+    return cache[("pf", path)]
+
+
 def close_handles(cache: dict) -> None:
     for value in cache.values():
         if hasattr(value, "close"):
             value.close()
+    cache.clear()

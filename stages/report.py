@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.layout import parse_unit_file
+from schemas.layout import RUN_FILE, SHARDS_DIR, STATS_SUFFIX, parse_unit_file
 from stages.outdir import committed_units
-from stages.shardread import output_shards_dir, read_parquet
-from stages.storage import LocalStore
+from stages.shardread import output_store, read_parquet
 from stages.writer import error_reason
 
 _INSPECT_COLUMNS = ["status", "error", "lam", "lam_hat", "margin", "method", "lam_mode", "model", "pretrained",
@@ -37,21 +35,21 @@ def _counts_line(column: pa.ChunkedArray) -> str:
     return ", ".join(f"{v if v is not None else '-'} {n}" for v, n in pairs) or "-"
 
 
-def inspect_output(out_dir: Path) -> str:
+def inspect_output(out_dir, storage_options: dict | None = None) -> str:
     """A human report: counts per status and failure reason, lam / lam_hat / margin
-    histograms, methods, model and config summary."""
-    out_dir = Path(out_dir)
-    sdir = output_shards_dir(out_dir)
-    units = committed_units(LocalStore(out_dir))
-    uncommitted = sorted({p.name.split(".")[0] for p in sdir.iterdir()
-                          if (u := parse_unit_file(p.name)) and u[1] != "_stats.json" and u[0] not in units})
+    histograms, methods, model and config summary. `out_dir`: a folder or an object-store prefix."""
+    store = output_store(out_dir, storage_options)
+    units = committed_units(store)
+    uncommitted = sorted({name.split(".")[0] for name in store.list(SHARDS_DIR)
+                          if (u := parse_unit_file(name)) and u[1] != STATS_SUFFIX and u[0] not in units})
     lines = [f"output       {out_dir}"]
     run = None
-    if (out_dir / "run.json").is_file():
-        try:
-            run = json.loads((out_dir / "run.json").read_text())
-        except ValueError:
-            lines.append("run.json     unreadable")
+    try:
+        run = json.loads(store.read_bytes(RUN_FILE))
+    except FileNotFoundError:
+        pass
+    except ValueError:
+        lines.append("run.json     unreadable")
     if isinstance(run, dict):
         lines.append(f"fingerprint  {run.get('fingerprint', '-')}   schema {run.get('schema_version', '-')}")
     tar_bytes = sum(st["tar"]["filesize"] for st in units.values())
@@ -60,7 +58,7 @@ def inspect_output(out_dir: Path) -> str:
         lines.append("no committed units: run or resume `mergemix-pipeline generate`")
         return "\n".join(lines)
 
-    tables = [read_parquet(sdir / st["parquet"]["file"], columns=_INSPECT_COLUMNS) for st in units.values()]
+    tables = [read_parquet(store, f"{SHARDS_DIR}/{st['parquet']['file']}", columns=_INSPECT_COLUMNS) for st in units.values()]
     table = pa.concat_tables(tables)
     status = table["status"]
     n = len(table)

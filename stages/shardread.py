@@ -1,81 +1,113 @@
-"""Torch-free reading of our shards: find the committed tars, read tar samples safely,
-read Parquet with a schema check. Used by the loader, validate, inspect and preview."""
+"""Torch-free reading of our shards, on local disk or an object store: find the committed
+tars, read tar samples safely, read Parquet with a schema check. Used by the loader,
+validate, inspect and preview."""
 from __future__ import annotations
 
-import glob as globlib
 import io
 import json
-import os
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Iterator
+from pathlib import PurePosixPath
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from schemas.layout import RUN_FILE, SHARDS_DIR, STATS_SUFFIX
 from schemas.shard import check_arrow_schema, check_schema_version, part_ext
 from stages.errors import UserError
-from stages.storage import LocalStore
-from schemas.layout import SHARDS_DIR, STATS_SUFFIX
 from stages.outdir import committed_units
+from stages.storage import is_url, open_store
 
 
 @dataclass(frozen=True)
 class ShardRef:
-    """One tar to read; `filesize` is the committed size when known (catches truncation up front)."""
+    """One tar to read: `name` inside `store` (a LocalStore or an object-store prefix); `where`
+    names it for people. `filesize` is the committed size when known (catches truncation up front)."""
 
-    tar: Path
+    store: object
+    name: str
     filesize: int | None = None
 
+    @property
+    def where(self) -> str:
+        return f"{self.store.url.rstrip('/')}/{self.name}"
 
-def output_shards_dir(out_dir: Path) -> Path:
-    """OUT/shards of an existing output directory, or a UserError naming what is wrong."""
-    out_dir = Path(out_dir)
-    if not out_dir.exists():
-        raise UserError(f"{out_dir} does not exist: pass the output directory given to `generate`")
-    if not out_dir.is_dir():
-        raise UserError(f"{out_dir} is not a directory: pass the output directory given to `generate`")
-    sdir = out_dir / SHARDS_DIR
-    if not sdir.is_dir():
-        raise UserError(f"{out_dir} has no {SHARDS_DIR}/ folder: pass the output directory given to `generate`")
-    return sdir
+    def open(self) -> BinaryIO:
+        return self.store.open_read(self.name)
+
+    def size(self) -> int:
+        return self.store.size(self.name)
 
 
-def resolve_shards(source) -> list[ShardRef]:
-    """Tars to read from an output dir, its shards/ dir, a glob, a tar path, or a list of tar paths.
-    In an output directory only committed units (with a stats file) count."""
+def _parent(location: str) -> tuple[str, str]:
+    """('folder or prefix', 'file name') of a path or URL."""
+    head, _, name = str(location).rstrip("/").rpartition("/")
+    return (head or "."), name
+
+
+def output_store(out, storage_options: dict | None = None):
+    """The store of an existing output (a folder or an object-store prefix holding shards/), or
+    a UserError naming what is wrong."""
+    store = open_store(out, storage_options)
+    try:
+        if not is_url(str(out)):
+            if not store.exists(""):
+                raise UserError(f"{out} does not exist: pass the output directory given to `generate`")
+            if not store.is_dir(""):
+                raise UserError(f"{out} is not a directory: pass the output directory given to `generate`")
+        if not store.is_dir(SHARDS_DIR):
+            if is_url(str(out)) and not store.exists(RUN_FILE):
+                raise UserError(f"{out} does not exist or holds no output: pass the output given to `generate`")
+            raise UserError(f"{out} has no {SHARDS_DIR}/ folder: pass the output directory given to `generate`")
+    except UserError:
+        raise
+    except Exception as exc:  # an object store that cannot be reached, a bucket that does not exist
+        raise UserError(f"cannot read {out}: {type(exc).__name__}: {_one_line(exc)}") from None
+    return store
+
+
+def resolve_shards(source, storage_options: dict | None = None) -> list[ShardRef]:
+    """Tars to read from an output dir, its shards/ dir, a glob, a tar path, or a list of these;
+    local or object-store URLs. In an output directory only committed units (with a stats file)
+    count."""
     if isinstance(source, (list, tuple)):
         refs = []
         for item in source:
-            refs.extend(resolve_shards(item))
+            refs.extend(resolve_shards(item, storage_options))
         if not refs:
             raise UserError("the list of shards is empty: pass an output directory, a glob or tar paths")
         return refs
-    text = str(source)
+    text = str(source).rstrip("/")
     if any(c in text for c in "*?["):
-        paths = sorted(globlib.glob(text))
-        tars = [Path(p) for p in paths if p.endswith(".tar")]
-        if not tars:
+        folder, pattern = _parent(text)
+        store = open_store(folder, storage_options)
+        names = [n for n in store.list() if n.endswith(".tar") and PurePosixPath(n).match(pattern)]
+        if not names:
             raise UserError(f"no .tar files match {text}: check the pattern")
-        return [ShardRef(p) for p in tars]
-    path = Path(source)
-    if not path.exists():
-        raise UserError(f"{path} does not exist: pass an output directory, a shards/ folder, a glob or tar paths")
-    if path.is_file():
-        if path.suffix != ".tar":
-            raise UserError(f"{path} is not a .tar shard: pass an output directory, a glob or tar paths")
-        return [ShardRef(path)]
-    out_dir = path if (path / SHARDS_DIR).is_dir() else path.parent if path.name == SHARDS_DIR else path
-    units = committed_units(LocalStore(out_dir))
+        return [ShardRef(store, n) for n in names]
+    if text.endswith(".tar"):
+        folder, name = _parent(text)
+        store = open_store(folder, storage_options)
+        if not store.is_file(name):
+            raise UserError(f"{text} does not exist: pass an output directory, a shards/ folder, a glob or tar paths")
+        return [ShardRef(store, name)]
+    if text.endswith(f"/{SHARDS_DIR}") or text == SHARDS_DIR:
+        text = _parent(text)[0]
+    store = open_store(text, storage_options)
+    if not store.exists("") and not store.is_dir(SHARDS_DIR):
+        raise UserError(f"{text} does not exist: pass an output directory, a shards/ folder, a glob or tar paths")
+    if not is_url(text) and store.is_file(""):
+        raise UserError(f"{text} is not a .tar shard: pass an output directory, a glob or tar paths")
+    units = committed_units(store)
     if not units:
-        if path.is_dir() and not (path / SHARDS_DIR).is_dir() and list(path.glob("*.tar")) and not list(path.glob(f"*{STATS_SUFFIX}")):
-            raise UserError(f"{path} holds tars but no *{STATS_SUFFIX} commit markers: pass a glob ('{path}/*.tar') to read them anyway")
-        raise UserError(f"{path} has no committed shards: run `mergemix-pipeline generate` (or resume it) first")
-    sdir = out_dir / SHARDS_DIR
-    return [ShardRef(sdir / st["tar"]["file"], st["tar"].get("filesize")) for st in units.values()]
+        loose = [n for n in store.list() if n.endswith(".tar")]
+        if loose and not [n for n in store.list() if n.endswith(STATS_SUFFIX)]:
+            raise UserError(f"{text} holds tars but no *{STATS_SUFFIX} commit markers: pass a glob ('{text}/*.tar') to read them anyway")
+        raise UserError(f"{text} has no committed shards: run `mergemix-pipeline generate` (or resume it) first")
+    return [ShardRef(store, f"{SHARDS_DIR}/{st['tar']['file']}", st["tar"].get("filesize")) for st in units.values()]
 
 
 def safe_member_name(name: str) -> str:
@@ -98,26 +130,25 @@ def split_member(name: str) -> tuple[str, str]:
 
 def iter_tar_members(ref: ShardRef) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of every regular member, in order; corrupt or unsafe tars raise UserError."""
-    tar_path = ref.tar
     try:
-        size = os.path.getsize(tar_path)
+        size = ref.size()
     except OSError as exc:
-        raise UserError(f"cannot read shard {tar_path}: {exc.strerror}") from None
+        raise UserError(f"cannot read shard {ref.where}: {exc.strerror or _one_line(exc)}") from None
     if ref.filesize is not None and size != ref.filesize:
-        raise UserError(f"shard {tar_path} is {size} bytes, its stats say {ref.filesize}: truncated or replaced; regenerate this unit")
+        raise UserError(f"shard {ref.where} is {size} bytes, its stats say {ref.filesize}: truncated or replaced; regenerate this unit")
     try:
-        with tarfile.open(tar_path, mode="r|") as tar:
+        with ref.open() as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
             for info in tar:
                 safe_member_name(info.name)
                 if not info.isfile():
-                    raise UserError(f"tar member {info.name!r} in {tar_path} is not a regular file: refusing to read this shard")
+                    raise UserError(f"tar member {info.name!r} in {ref.where} is not a regular file: refusing to read this shard")
                 f = tar.extractfile(info)
                 data = f.read()
                 if len(data) != info.size:
                     raise tarfile.ReadError("unexpected end of data")
                 yield info.name, data
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise UserError(f"shard {tar_path} is corrupt ({_one_line(exc)}); regenerate this unit or remove it") from None
+        raise UserError(f"shard {ref.where} is corrupt ({_one_line(exc)}); regenerate this unit or remove it") from None
 
 
 def iter_tar_samples(ref: ShardRef, problems: list[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -128,7 +159,7 @@ def iter_tar_samples(ref: ShardRef, problems: list[str] | None = None) -> Iterat
 
     def problem(text: str) -> None:
         if problems is None:
-            raise UserError(f"shard {ref.tar}: {text}")
+            raise UserError(f"shard {ref.where}: {text}")
         problems.append(text)
 
     for name, data in iter_tar_members(ref):
@@ -189,21 +220,22 @@ def decode_image(data: bytes, mode: str = "RGB") -> np.ndarray:
         return np.array(img.convert(mode))
 
 
-def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """A shard's Parquet table; wrong schema version or damage -> UserError."""
+def read_parquet(store, name: str, columns: list[str] | None = None) -> pa.Table:
+    """A shard's Parquet table (`name` in `store`); wrong schema version or damage -> UserError."""
+    where = f"{store.url.rstrip('/')}/{name}"
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(store.open_read(name))
         schema = pf.schema_arrow
     except (OSError, ValueError, pa.ArrowException) as exc:
-        raise UserError(f"{path} is not a readable Parquet file ({_one_line(exc)}); regenerate this unit") from None
+        raise UserError(f"{where} is not a readable Parquet file ({_one_line(exc)}); regenerate this unit") from None
     try:
-        check_arrow_schema(schema, str(path))
+        check_arrow_schema(schema, where)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     try:
         return pf.read(columns=columns)
     except (OSError, ValueError, pa.ArrowException) as exc:
-        raise UserError(f"{path} is damaged ({_one_line(exc)}); regenerate this unit") from None
+        raise UserError(f"{where} is damaged ({_one_line(exc)}); regenerate this unit") from None
 
 
 def _one_line(exc: BaseException) -> str:

@@ -273,7 +273,29 @@ class FsspecStore:
 
 
 def is_url(location) -> bool:
-    return isinstance(location, str) and "://" in location
+    return isinstance(location, str) and "://" in location and not location.startswith("file://")
+
+
+def local_path(location) -> str:
+    """A local path for a path or file:// URL (unchanged otherwise)."""
+    text = str(location)
+    return text[len("file://"):] if text.startswith("file://") else text
+
+
+def input_fs(location, storage_options: dict | None = None):
+    """(fsspec file system, path in it) for an input location: a local path, file://, s3://,
+    gs://, hf://, memory://... Credentials and endpoints come from the environment (AWS_*,
+    GOOGLE_*, config files) and `storage_options`."""
+    import fsspec
+
+    if not is_url(location):
+        return fsspec.filesystem("file"), local_path(location)
+    return fsspec.core.url_to_fs(str(location), **(storage_options or {}))
+
+
+def read_with_retries(call, *args, **kwargs):
+    """Run one object-store call, retrying transient errors with backoff (see is_transient)."""
+    return _retry(call, *args, **kwargs)
 
 
 def open_store(location, storage_options: dict | None = None):
@@ -283,7 +305,7 @@ def open_store(location, storage_options: dict | None = None):
     text = str(location)
     if text.startswith("file://"):
         return LocalStore(text[len("file://"):])
-    if not is_url(text):
+    if "://" not in text:
         return LocalStore(location)
     import fsspec
 

@@ -19,15 +19,17 @@ tower the method cannot serve, and print what will run, before any worker starts
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
+import os
 import re
 import socket
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from stages.errors import UserError
 
@@ -324,7 +326,7 @@ def _pair(value) -> tuple[int, int]:
 def _weights(model: str, name: str, pretrained: str | None, open_clip) -> str | None:
     """The weights `pretrained` names, checked but not downloaded."""
     tag = None if pretrained in (None, "", "none") else str(pretrained)
-    if tag is None or Path(tag).is_file():
+    if tag is None or Path(tag).is_file() or "://" in tag:  # a URL is checked by resolve_pretrained
         return tag
     if parse_hf_hub(model) is not None:
         if tag == model:
@@ -339,10 +341,12 @@ def _weights(model: str, name: str, pretrained: str | None, open_clip) -> str | 
     return tag
 
 
-def resolve_pretrained(model: str, pretrained: str | None) -> str | None:
-    """A local checkpoint path for `pretrained` (tag and hub downloads go to their caches), or
-    None for random weights. Run it once in the driver so that an offline machine fails
-    with one clear line before any worker starts."""
+def resolve_pretrained(model: str, pretrained: str | None, storage_options: dict | None = None,
+                       download: bool = True) -> str | None:
+    """A local checkpoint path for `pretrained` (tag and hub downloads go to their caches; a
+    checkpoint URL such as s3://bucket/ViT-L-14-336.pt is fetched into a local cache), or None
+    for random weights. The driver runs it once, with download=False for a URL (checked, not
+    fetched), so that missing weights fail with one clear line before any worker starts."""
     import open_clip
     from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
@@ -350,6 +354,8 @@ def resolve_pretrained(model: str, pretrained: str | None) -> str | None:
     tag = _weights(model, name, pretrained, open_clip)
     if tag is None or Path(tag).is_file():
         return tag
+    if "://" in tag:
+        return _fetch_checkpoint(tag, storage_options, download)
     repo = parse_hf_hub(model)
     if repo is not None:
         return _hub_file(repo, None)
@@ -364,6 +370,30 @@ def resolve_pretrained(model: str, pretrained: str | None) -> str | None:
     if not path:
         raise UserError(f"no download source for {model} {tag!r}; pass --pretrained PATH or --pretrained none")
     return path
+
+
+def _fetch_checkpoint(url: str, storage_options: dict | None, download: bool) -> str:
+    """A checkpoint on an object store or web server, copied once into a local cache (open_clip
+    loads files); the copy is redone when the remote size differs."""
+    from stages.storage import input_fs
+
+    try:
+        fs, path = input_fs(url, storage_options)
+        size = fs.size(path)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {url} not found; pass --pretrained with an existing checkpoint, or none") from None
+    except Exception as exc:  # no endpoint, no credentials, no bucket
+        raise UserError(f"cannot read checkpoint {url}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+    if not download:
+        return url
+    cache = Path(os.environ.get("MERGEMIX_CACHE", Path.home() / ".cache" / "mergemix")) / "checkpoints"
+    local = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{PurePosixPath(path).name}"
+    if not (local.is_file() and local.stat().st_size == size):
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(f".{local.name}.{os.getpid()}.part")
+        fs.get_file(path, str(partial))
+        os.replace(partial, local)  # whole or absent: actors on one node may fetch at once
+    return str(local)
 
 
 def model_geometry(model: str) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -393,6 +423,7 @@ def load_encoder(
     quick_gelu: bool | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    storage_options: dict | None = None,
 ) -> "MergingEncoder":
     """Build the encoder. `model`: open_clip name, path to a model-config JSON, or
     hf-hub:ORG/REPO; `pretrained`: open_clip tag, local checkpoint path, None/"none" for
@@ -408,7 +439,7 @@ def load_encoder(
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     tower = resolve_tower(model, pretrained, quick_gelu=quick_gelu, mean=mean, std=std)
-    checkpoint = resolve_pretrained(model, tower.weights)
+    checkpoint = resolve_pretrained(model, tower.weights, storage_options)
     if checkpoint is None:
         log.warning("RANDOM WEIGHTS: %s built with --pretrained none; saliency is meaningless for real data", model)
     clip = build_clip(tower, checkpoint)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from schemas.layout import SHARDS_DIR, shard_name, tar_name
 from stages.errors import UserError
 from stages.outdir import committed_units, unfinished
-from stages.storage import LocalStore
+from stages.storage import open_store
 from stages.loader import ShardDataset, collate_pairs
 from stages.losses import mergemix_loss
 from stages.vlm import build_adapter
@@ -65,6 +65,7 @@ class TrainConfig:
     device: str = "auto"
     resume: bool = False
     allow_partial: bool = False  # train on the units committed now of an unfinished output
+    storage_options: dict | None = None  # fsspec options when the shards are on an object store
     partial_units: list[int] | None = None  # set at start with allow_partial: the fixed set, kept on resume
 
     def check(self) -> None:
@@ -79,30 +80,38 @@ class TrainConfig:
 
 
 def training_shards(cfg: TrainConfig, echo=print):
-    """What to read: the output directory itself when it is a finished generate run; a fixed,
-    announced list of its committed units with allow_partial; tars or globs as given."""
-    path = Path(cfg.shards)
-    out_dir = path if (path / SHARDS_DIR).is_dir() else path.parent if path.name == SHARDS_DIR and path.is_dir() else None
-    if out_dir is None:
+    """What to read: the output itself (a folder or an object-store URL) when it is a finished
+    generate run; a fixed, announced list of its committed units with allow_partial; tars or
+    globs as given."""
+    source = str(cfg.shards).rstrip("/")
+    if source.endswith(".tar") or any(c in source for c in "*?["):
         return cfg.shards
-    store = LocalStore(out_dir)
+    out = source[: -len(SHARDS_DIR) - 1] if source.endswith("/" + SHARDS_DIR) else source
+    store = open_store(out, cfg.storage_options)
+    if not store.is_dir(SHARDS_DIR):
+        return cfg.shards  # not an output: the loader says what is wrong with it
     if cfg.partial_units is None:
         reasons = unfinished(store)
         if not reasons:
             return cfg.shards
         if not cfg.allow_partial:
-            raise UserError(f"{out_dir} is not a finished generate run: {'; '.join(reasons)}; let generate finish "
+            raise UserError(f"{out} is not a finished generate run: {'; '.join(reasons)}; let generate finish "
                             "(or rerun it), or pass --allow-partial to train on the units committed now")
         cfg.partial_units = sorted(committed_units(store))
         if not cfg.partial_units:
-            raise UserError(f"{out_dir} has no committed units yet")
+            raise UserError(f"{out} has no committed units yet")
         names = [shard_name(u) for u in cfg.partial_units]
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         echo(f"training on {len(names)} committed units ({shown}) of an unfinished output: {'; '.join(reasons)}")
     missing = [u for u in cfg.partial_units if u not in committed_units(store)]
     if missing:
-        raise UserError(f"units {', '.join(map(shard_name, missing))} of this run's fixed set are no longer committed in {out_dir}")
-    return [str(out_dir / SHARDS_DIR / tar_name(u)) for u in cfg.partial_units]
+        raise UserError(f"units {', '.join(map(shard_name, missing))} of this run's fixed set are no longer committed in {out}")
+    return [f"{out}/{SHARDS_DIR}/{tar_name(u)}" for u in cfg.partial_units]
+
+
+def saved_config(cfg: TrainConfig) -> dict:
+    """The config as the run folder keeps it: without storage options (they may hold credentials)."""
+    return {k: v for k, v in asdict(cfg).items() if k != "storage_options"}
 
 
 def cosine_with_warmup(warmup: int, total: int):
@@ -239,7 +248,7 @@ def train(cfg: TrainConfig, echo=print) -> dict:
         cfg.partial_units = saved.get("partial_units")  # a partial run goes on with the units it started with
     shards = training_shards(cfg, echo)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG).write_text(json.dumps(asdict(cfg), indent=2))
+    (out / CONFIG).write_text(json.dumps(saved_config(cfg), indent=2))
 
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
@@ -261,7 +270,8 @@ def train(cfg: TrainConfig, echo=print) -> dict:
     elif cfg.resume:
         echo(f"no checkpoint in {out}; starting a new run")
 
-    dataset = ShardDataset(shards, image_size=getattr(model, "image_size", None), shuffle_shards=True, seed=cfg.seed)
+    dataset = ShardDataset(shards, image_size=getattr(model, "image_size", None), shuffle_shards=True, seed=cfg.seed,
+                           storage_options=cfg.storage_options)
     stream = BatchStream(dataset, cfg, epoch, offset)
     batches = iter(stream)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -270,7 +280,7 @@ def train(cfg: TrainConfig, echo=print) -> dict:
         _atomic_save(
             {
                 "model": trainable_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "step": step, "epoch": stream.epoch, "offset": stream.offset, "rng": torch.get_rng_state(), "config": asdict(cfg),
+                "step": step, "epoch": stream.epoch, "offset": stream.offset, "rng": torch.get_rng_state(), "config": saved_config(cfg),
             },
             ckpt_path,
         )

@@ -6,23 +6,26 @@ import hashlib
 import io
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from schemas.layout import STATS_SUFFIX, parse_tmp_file, parse_unit_file
+from schemas.layout import INDEX_FILE, RUN_FILE, SHARDS_DIR, STATS_SUFFIX, parse_tmp_file, parse_unit_file
 from schemas.shard import FIELDS, PARTS, SCHEMA_VERSION, mask_problem, part_ext, sample_key, shard_name, validate_row
 from stages.errors import UserError
 from stages.outdir import read_stats
-from stages.shardread import ShardRef, decode_image, iter_tar_samples, output_shards_dir, read_parquet
-from stages.storage import LocalStore
+from stages.shardread import ShardRef, decode_image, iter_tar_samples, output_store, read_parquet
 
 
-def _planned_units(out_dir: Path) -> int | None:
+def _read_json(store, name: str):
+    """A JSON file of the output; FileNotFoundError when absent, ValueError when not JSON."""
+    return json.loads(store.read_bytes(name))
+
+
+def _planned_units(store) -> int | None:
     """Units the run planned (from run.json), or None when unknown."""
     try:
-        planned = json.loads((out_dir / "run.json").read_text()).get("units_planned")
+        planned = _read_json(store, RUN_FILE).get("units_planned")
     except (OSError, ValueError, AttributeError):
         return None
     return planned if isinstance(planned, int) else None
@@ -30,9 +33,9 @@ def _planned_units(out_dir: Path) -> int | None:
 # --- validate ---------------------------------------------------------------------------
 
 
-def _file_md5(path: Path) -> str:
+def _file_md5(store, name: str) -> str:
     h = hashlib.md5()
-    with open(path, "rb") as f:
+    with store.open_read(name) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -89,25 +92,24 @@ def _check_members(tar: str, key: str, row: dict, parts: dict[str, bytes]) -> li
     return problems
 
 
-def _check_unit(sdir: Path, unit: int, stats: dict, seen: dict[str, int]) -> list[str]:
+def _check_unit(store, unit: int, stats: dict, seen: dict[str, int]) -> list[str]:
     name = shard_name(unit)
-    tar_path, pq_path = sdir / f"{name}.tar", sdir / f"{name}.parquet"
-    tar, pqn = f"shards/{tar_path.name}", f"shards/{pq_path.name}"
+    tar, pqn = f"{SHARDS_DIR}/{name}.tar", f"{SHARDS_DIR}/{name}.parquet"  # names in the store, and in messages
     problems = []
     if stats.get("schema_version") != SCHEMA_VERSION:
         problems.append(f"shards/{name}{STATS_SUFFIX}: schema_version {stats.get('schema_version')!r}, expected {SCHEMA_VERSION}")
-    if not pq_path.is_file():
+    if not store.is_file(pqn):
         problems.append(f"{pqn}: missing, but {name}{STATS_SUFFIX} marks the unit committed")
         rows = None
     else:
         try:
-            rows = read_parquet(pq_path).to_pylist()
+            rows = read_parquet(store, pqn).to_pylist()
         except UserError as exc:
             problems.append(f"{pqn}: {exc}")
             rows = None
         expected_size = stats.get("parquet", {}).get("filesize")
-        if pq_path.stat().st_size != expected_size:
-            problems.append(f"{pqn}: {pq_path.stat().st_size} bytes, stats say {expected_size}")
+        if store.size(pqn) != expected_size:
+            problems.append(f"{pqn}: {store.size(pqn)} bytes, stats say {expected_size}")
 
     by_key: dict[str, dict] = {}
     if rows is not None:
@@ -130,19 +132,19 @@ def _check_unit(sdir: Path, unit: int, stats: dict, seen: dict[str, int]) -> lis
         if len(rows) != want.get("total"):
             problems.append(f"{pqn}: {len(rows)} rows, stats say {want.get('total')}")
 
-    if not tar_path.is_file():
+    if not store.is_file(tar):
         return problems + [f"{tar}: missing, but {name}{STATS_SUFFIX} marks the unit committed"]
     tar_stats = stats.get("tar", {})
-    size = tar_path.stat().st_size
+    size = store.size(tar)
     if size != tar_stats.get("filesize"):
         problems.append(f"{tar}: {size} bytes, stats say {tar_stats.get('filesize')} (truncated or replaced)")
-    elif _file_md5(tar_path) != tar_stats.get("md5sum"):
+    elif _file_md5(store, tar) != tar_stats.get("md5sum"):
         problems.append(f"{tar}: md5 differs from the stats (content changed)")
 
     samples: dict[str, dict[str, bytes]] = {}
     grouping: list[str] = []
     try:
-        for key, parts in iter_tar_samples(ShardRef(tar_path), grouping):
+        for key, parts in iter_tar_samples(ShardRef(store, tar), grouping):
             samples.setdefault(key, {}).update(parts)
     except UserError as exc:
         problems.append(f"{tar}: unreadable after {sum(map(len, samples.values()))} members: {exc}")
@@ -165,10 +167,10 @@ def _check_unit(sdir: Path, unit: int, stats: dict, seen: dict[str, int]) -> lis
     return problems
 
 
-def _check_run_files(out_dir: Path, units: dict[int, dict]) -> list[str]:
+def _check_run_files(store, units: dict[int, dict]) -> list[str]:
     problems = []
     try:
-        index = json.loads((out_dir / "index.json").read_text())
+        index = _read_json(store, INDEX_FILE)
     except FileNotFoundError:
         index = None
         problems.append("index.json: missing (the run did not finish); rerun `generate` to resume and write it")
@@ -189,7 +191,7 @@ def _check_run_files(out_dir: Path, units: dict[int, dict]) -> list[str]:
                 if listed[url].get(field) != want[url].get(field):
                     problems.append(f"index.json: {url} {field} {listed[url].get(field)!r} != stats {want[url].get(field)!r}")
     try:
-        run = json.loads((out_dir / "run.json").read_text())
+        run = _read_json(store, RUN_FILE)
     except FileNotFoundError:
         return problems + ["run.json: missing (the run did not finish); rerun `generate` to resume and write it"]
     except ValueError:
@@ -207,36 +209,36 @@ def _check_run_files(out_dir: Path, units: dict[int, dict]) -> list[str]:
     return problems
 
 
-def validate_output(out_dir: Path) -> list[str]:
-    """Every problem found in an output directory, one precise line each; empty if valid.
-    A missing or non-output directory raises UserError."""
-    out_dir = Path(out_dir)
-    sdir = output_shards_dir(out_dir)
+def validate_output(out_dir, storage_options: dict | None = None) -> list[str]:
+    """Every problem found in an output (a folder or an object-store prefix), one precise line
+    each; empty if valid. A missing or non-output location raises UserError."""
+    store = output_store(out_dir, storage_options)
     problems: list[str] = []
     units: dict[int, dict] = {}
-    planned = _planned_units(out_dir)
-    for path in sorted(sdir.iterdir()):
-        rel = f"shards/{path.name}"
-        parsed = parse_unit_file(path.name)
-        if parse_tmp_file(path.name) is not None:
+    planned = _planned_units(store)
+    names = store.list(SHARDS_DIR)
+    for name in names:
+        rel = f"{SHARDS_DIR}/{name}"
+        parsed = parse_unit_file(name)
+        if parse_tmp_file(name) is not None:
             problems.append(f"{rel}: leftover temporary file of an interrupted write (resuming `generate` removes it)")
         elif parsed is None or (planned is not None and parsed[0] >= planned):
             continue  # not one of our names, or a unit outside the run's plan: somebody else's file
         elif parsed[1] == STATS_SUFFIX:
-            stats = read_stats(LocalStore(out_dir), parsed[0])
+            stats = read_stats(store, parsed[0])
             if stats is None:
                 problems.append(f"{rel}: unreadable stats file (or wrong unit); regenerate this unit")
             else:
                 units[parsed[0]] = stats
-    for path in sorted(sdir.iterdir()):
-        parsed = parse_unit_file(path.name)
+    for name in names:
+        parsed = parse_unit_file(name)
         if parsed and parsed[1] != STATS_SUFFIX and parsed[0] not in units and (planned is None or parsed[0] < planned):
-            problems.append(f"shards/{path.name}: no {shard_name(parsed[0])}{STATS_SUFFIX}, so the unit is not committed (interrupted write); resume `generate`")
+            problems.append(f"{SHARDS_DIR}/{name}: no {shard_name(parsed[0])}{STATS_SUFFIX}, so the unit is not committed (interrupted write); resume `generate`")
     if not units:
-        problems.append(f"{sdir}: no committed units")
+        problems.append(f"{store.url.rstrip('/')}/{SHARDS_DIR}: no committed units")
         return problems
     seen: dict[str, int] = {}
     for unit, stats in units.items():
-        problems += _check_unit(sdir, unit, stats, seen)
-    problems += _check_run_files(out_dir, units)
+        problems += _check_unit(store, unit, stats, seen)
+    problems += _check_run_files(store, units)
     return problems

@@ -33,12 +33,16 @@ def test_bad_config_is_one_clear_error(tmp_path, text, needle):
 def test_fingerprint_tracks_only_what_changes_the_output():
     base = {"input": "x.json", "output": "out"}
     fp = GenerateConfig.build(base).fingerprint()
-    same = [{"workers": 3}, {"batch_size": 7}, {"output": "elsewhere"}, {"address": "ray://h:10001"}, {"overwrite": True}]
+    same = [{"workers": 3}, {"batch_size": 7}, {"output": "elsewhere"}, {"address": "ray://h:10001"}, {"overwrite": True},
+            {"unit_timeout": 5}, {"storage_options": {"key": "k"}},
+            {"input": "s3://bucket/x.json"}]  # where the records are: their digest says what they are
     for change in same:
         assert GenerateConfig.build(base | change).fingerprint() == fp, change
     for change in [{"seed": 1}, {"merge": 100}, {"method": "cutmix"}, {"image_format": "png"}, {"resize": "squash"},
                    {"lam": "uniform:0.2,0.8"}, {"pretrained": "none"}, {"samples_per_shard": 10}]:
         assert GenerateConfig.build(base | change).fingerprint() != fp, change
+    assert GenerateConfig.build(base).fingerprint("digest-a") != GenerateConfig.build(base).fingerprint("digest-b")
+    assert "storage_options" not in GenerateConfig.build(base | {"storage_options": {"secret": "s"}}).record()
     # topk runs the un-merged tower: --merge does not matter for it.
     topk = GenerateConfig.build(base | {"method": "topk"})
     assert topk.effective_merge == 0

@@ -87,7 +87,7 @@ def test_ranks_split_shards_without_overlap(out_png, monkeypatch):
     assert {k[:6] for k in seen[0]} == {"000000", "000002"} and {k[:6] for k in seen[1]} == {"000001"}
     ds = ShardDataset(out_png)
     parts = [ds.shards_for_consumer(r, 2, w, 2) for r in range(2) for w in range(2)]
-    assert sorted(ref.tar.name for p in parts for ref in p) == ["000000.tar", "000001.tar", "000002.tar"]
+    assert sorted(ref.name.rsplit("/", 1)[-1] for p in parts for ref in p) == ["000000.tar", "000001.tar", "000002.tar"]
 
 
 def test_shard_shuffle_is_seeded_and_changes_per_epoch(tmp_path):
@@ -96,16 +96,16 @@ def test_shard_shuffle_is_seeded_and_changes_per_epoch(tmp_path):
     orders = []
     for epoch in (0, 0, 1):
         ds.set_epoch(epoch)
-        orders.append([r.tar.name for r in ds.shards_for_consumer(0, 1, 0, 1)])
+        orders.append([r.name.rsplit("/", 1)[-1] for r in ds.shards_for_consumer(0, 1, 0, 1)])
     assert orders[0] == orders[1] and orders[0] != orders[2] and sorted(orders[2]) == [f"{u:06d}.tar" for u in range(8)]
-    assert [r.tar.name for r in ShardDataset(tmp_path).shards_for_consumer(0, 1, 0, 1)] == [f"{u:06d}.tar" for u in range(8)]
+    assert [r.name.rsplit("/", 1)[-1] for r in ShardDataset(tmp_path).shards_for_consumer(0, 1, 0, 1)] == [f"{u:06d}.tar" for u in range(8)]
 
 
 def test_sources_dir_shards_dir_glob_and_list_and_only_committed_units(tmp_path):
     out = make_output(tmp_path / "out", units=(0, 1), run_files=False)
     (out / "shards" / "000001_stats.json").unlink()  # unit 1 is not committed
-    assert [r.tar.name for r in ShardDataset(out).shards] == ["000000.tar"]
-    assert [r.tar.name for r in ShardDataset(out / "shards").shards] == ["000000.tar"]
+    assert [r.name.rsplit("/", 1)[-1] for r in ShardDataset(out).shards] == ["000000.tar"]
+    assert [r.name.rsplit("/", 1)[-1] for r in ShardDataset(out / "shards").shards] == ["000000.tar"]
     assert len(ShardDataset(str(out / "shards" / "*.tar")).shards) == 2  # an explicit glob reads what it names
     assert len(ShardDataset([out / "shards" / "000000.tar", out / "shards" / "000001.tar"]).shards) == 2
     with pytest.raises(UserError, match="does not exist"):

@@ -27,7 +27,7 @@ from pipeline.config import GenerateConfig
 from schemas.shard import empty_row, sample_key
 from stages.errors import UserError
 from stages.loader import ShardDataset
-from stages.shardread import ShardRef, iter_tar_members
+from stages.shardread import iter_tar_members, resolve_shards
 from stages.validate import validate_output
 from stages.compose import PairImages
 from stages.writer import write_unit
@@ -170,7 +170,7 @@ def test_reader_refuses_unsafe_members(tmp_path, name, kind):
         info.linkname = "/etc/passwd"
     tar = _tar_with(tmp_path / "bad.tar", [info])
     with pytest.raises(UserError, match="refusing to read this shard"):
-        list(iter_tar_members(ShardRef(tar)))
+        list(iter_tar_members(resolve_shards(str(tar))[0]))
     with pytest.raises(UserError, match="refusing to read this shard"):
         list(ShardDataset(str(tar)))
     assert not (tmp_path.parent / "000000_000000.json").exists()
