@@ -68,7 +68,7 @@ def _choices(values) -> str:
     return " | ".join(values)
 
 
-from pipeline.config import IMAGE_FORMATS, LAM_MODES, MERGE_SCHEDULES, METHODS, PRECISION_NAMES, RESIZE_MODES  # noqa: E402
+from pipeline.config import IMAGE_FORMATS, LAM_MODES, METHODS, PRECISION_NAMES, RESIZE_MODES, SCHEDULES  # noqa: E402
 
 
 @app.command()
@@ -89,7 +89,7 @@ def generate(
     merge: int = _opt("merge", "tokens removed by merging before the saliency layer, R"),
     attn_layer: int = _opt("attn_layer", "block whose CLS attention is the saliency; negative counts from the end"),
     prop_attn: bool = _opt("prop_attn", "proportional attention on merged tokens", "--prop-attn/--no-prop-attn"),
-    merge_schedule: str = _opt("merge_schedule", _choices(MERGE_SCHEDULES)),
+    merge_schedule: str = _opt("merge_schedule", _choices(SCHEDULES)),
     method: str = _opt("method", _choices(METHODS)),
     lam: str = _opt("lam", "beta:ALPHA | uniform:A,B | fixed:V"),
     lam_mode: str = _opt("lam_mode", _choices(LAM_MODES)),

@@ -18,11 +18,11 @@ from stages.errors import UserError
 from stages.methods import LAM_MODES, METHODS
 from stages.ratios import parse_lam_spec
 from stages.preprocess import RESIZE_MODES
+from stages.schedule import SCHEDULES
 from stages.tower import HF_HUB_PREFIX, PRECISIONS, parse_triple
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISION_NAMES = tuple(PRECISIONS)
-MERGE_SCHEDULES = ("constant", "decreasing")  # = stages.tome.SCHEDULES (tome needs torch; a test keeps them equal)
 
 # Keys that do not change a single output byte: they may differ between a run and its resume.
 RUN_ONLY_KEYS = frozenset({"output", "workers", "batch_size", "address", "overwrite", "config", "device", "progress",
@@ -89,7 +89,7 @@ class GenerateConfig:
         if not self.output:
             raise UserError("--output is required (the directory the shards go to)")
         choices = {"method": METHODS, "lam_mode": LAM_MODES, "resize": RESIZE_MODES, "image_format": IMAGE_FORMATS,
-                   "device": DEVICES, "precision": PRECISION_NAMES, "merge_schedule": MERGE_SCHEDULES}
+                   "device": DEVICES, "precision": PRECISION_NAMES, "merge_schedule": SCHEDULES}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"--{key.replace('_', '-')} {getattr(self, key)!r} is not one of: {', '.join(allowed)}")

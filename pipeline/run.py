@@ -13,7 +13,6 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import ray
 from tqdm import tqdm
@@ -29,6 +28,7 @@ from stages.errors import UserError
 from stages.lease import Lease
 from stages.listing import default_image_root, detect_kind, list_input
 from stages.outdir import committed_units, read_run_file, remove_leftovers, remove_output
+from stages.schedule import merge_schedule
 from stages.storage import input_fs, is_url, open_store
 from stages.tower import resolve_pretrained, resolve_tower
 from stages.writer import package_versions, write_run_files
@@ -36,7 +36,7 @@ from stages.writer import package_versions, write_run_files
 
 @dataclass
 class RunResult:
-    out_dir: Path
+    out_dir: str
     fingerprint: str
     units_total: int
     units_skipped: int  # already committed before this run
@@ -78,6 +78,19 @@ def check_output(store, cfg: GenerateConfig, fingerprint: str, planned: range) -
         )
 
 
+def check_merging(cfg: GenerateConfig, tower) -> None:
+    """--attn-layer and --merge against the tower's blocks and patches, before any worker starts
+    (the encoder checks the same when it is built; a failure there would cost every unit)."""
+    depth = tower.layers
+    if not -depth <= cfg.attn_layer < depth:
+        raise UserError(f"--attn-layer {cfg.attn_layer} is outside the tower's {depth} blocks "
+                        f"(use 0..{depth - 1} or -1..-{depth})")
+    try:
+        merge_schedule(cfg.effective_merge, cfg.attn_layer % depth, tower.num_patches + 1, cfg.merge_schedule)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def generate(cfg: GenerateConfig) -> RunResult:
     t0 = time.perf_counter()
     opts = cfg.storage_options
@@ -89,6 +102,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
     # in one line, before any worker starts; so do weights that cannot be fetched.
     tower = resolve_tower(cfg.model, cfg.pretrained, quick_gelu=cfg.quick_gelu, mean=cfg.mean, std=cfg.std)
     resolve_pretrained(cfg.model, tower.weights, opts, download=False)
+    check_merging(cfg, tower)
     print(tower.summary(), file=sys.stderr)
     _check_writable(store)
     with Lease(store, "generate") as lease:
@@ -103,7 +117,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
         remove_leftovers(store, planned)
         done = committed_units(store)
         units = [Unit(i, s) for i, s in enumerate(listing.slices) if i not in done]
-        result = RunResult(Path(cfg.output), fingerprint, len(planned), len(planned) - len(units), 0,
+        result = RunResult(cfg.output, fingerprint, len(planned), len(planned) - len(units), 0,
                            tower=tower.summary())
         outcome, sizing = _distribute(cfg, units, tower, image_root, fingerprint, lease)
         if outcome.storage_error:

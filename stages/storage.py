@@ -219,7 +219,7 @@ class FsspecStore:
         return _retry(self.fs.open, self.path(name), "rb")
 
     def makedirs(self, folder: str = "") -> None:
-        _retry(self.fs.makedirs, self.path(folder), exist_ok=True)
+        """Nothing: objects need no folders (and s3fs's makedirs would create a missing bucket)."""
 
     def delete(self, name: str) -> None:
         try:

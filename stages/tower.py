@@ -57,6 +57,11 @@ class Tower:
     image_size: tuple[int, int]
     patch_size: tuple[int, int]
     settings_from: str  # where activation and constants come from, for the driver's line
+    layers: int = 12  # transformer blocks of the vision tower
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size[0] // self.patch_size[0]) * (self.image_size[1] // self.patch_size[1])
 
     @property
     def activation(self) -> str:
@@ -302,7 +307,8 @@ def resolve_tower(model: str, pretrained: str | None = "openai", *, quick_gelu: 
     vision = model_cfg.get("vision_cfg") or {}
     return Tower(model=model, name=name, weights=weights, quick_gelu=quick, mean=mean_, std=std_,
                  interpolation=interpolation, image_size=_pair(vision.get("image_size", 224)),
-                 patch_size=_pair(vision.get("patch_size", 16)), settings_from=source)
+                 patch_size=_pair(vision.get("patch_size", 16)), settings_from=source,
+                 layers=int(vision.get("layers", 12)))
 
 
 def _floats(value, where: str, positive: bool = False) -> tuple[float, float, float] | None:

@@ -73,13 +73,6 @@ def test_how_a_checkpoint_was_trained_is_config_and_shapes_the_fingerprint(tmp_p
                                  "pretrained": "none"}).pretrained == "none"
 
 
-def test_config_names_the_merge_schedules_the_algorithm_knows():
-    from pipeline.config import MERGE_SCHEDULES
-    from stages.tome import SCHEDULES
-
-    assert MERGE_SCHEDULES == SCHEDULES
-
-
 def test_help_shows_the_dataclass_defaults():
     from typer.testing import CliRunner
 

@@ -82,3 +82,39 @@ def test_urls_pick_the_store(tmp_path):
     assert isinstance(open_store(str(tmp_path)), LocalStore)
     assert open_store(f"file://{tmp_path}").root == tmp_path
     assert isinstance(open_store("memory://x/y"), FsspecStore)
+
+
+def test_the_commit_protocol_in_memory(tmp_path):
+    """write_unit on an object store (memory://): tar and Parquet under their final names, the
+    stats object last; a unit without its stats is a leftover that a resume removes."""
+    from stages.outdir import committed_units, leftovers, remove_leftovers
+    from stages.writer import write_unit
+    from tests.shard_fixtures import unit_rows
+
+    store = open_store(f"memory://{tmp_path.name}/commit")
+    for unit in (0, 1):
+        rows, images = unit_rows(unit, 4)
+        write_unit(store, unit, rows, images, image_format="png", fingerprint="fp")
+    assert set(committed_units(store)) == {0, 1}
+    assert store.list("shards") == ["000000.parquet", "000000.tar", "000000_stats.json",
+                                    "000001.parquet", "000001.tar", "000001_stats.json"]
+    store.delete("shards/000001_stats.json")  # killed between the tar/parquet and the commit
+    store.write_bytes("shards/999999.tar", b"someone else's")
+    assert set(committed_units(store)) == {0}
+    assert leftovers(store, range(2)) == ["shards/000001.parquet", "shards/000001.tar"]
+    remove_leftovers(store, range(2))
+    assert store.list("shards") == ["000000.parquet", "000000.tar", "000000_stats.json", "999999.tar"]
+
+
+def test_merge_and_attn_layer_are_checked_against_the_tower_before_any_worker(tiny_model_config):
+    from pipeline.config import GenerateConfig
+    from pipeline.run import check_merging
+    from stages.tower import resolve_tower
+
+    tower = resolve_tower(str(tiny_model_config), "none")
+    base = dict(input="x.json", output="out", model=str(tiny_model_config), pretrained="none")
+    check_merging(GenerateConfig.build(base | {"merge": 16}), tower)
+    with pytest.raises(UserError, match="cannot merge 288 of 64 patch tokens"):
+        check_merging(GenerateConfig.build(base), tower)
+    with pytest.raises(UserError, match="--attn-layer 9 is outside the tower's 4 blocks"):
+        check_merging(GenerateConfig.build(base | {"merge": 0, "attn_layer": 9}), tower)
