@@ -110,9 +110,24 @@ class Outcome:
     storage_error: str | None = None
 
 
+_STORAGE_WORDS = ("nosuchbucket", "no such bucket", "bucket does not exist", "access denied", "quotaexceeded",
+                  "quota exceeded")
+
+
 def storage_error(exc: BaseException) -> bool:
+    """Whether a unit failed because the output cannot be written (disk full, read-only, no
+    bucket, access denied, quota): retrying cannot help, so the run stops with one line. Only
+    errors of the write task count: an input that cannot be read is a unit's own failure."""
+    function = getattr(exc, "function_name", None)
+    if function is not None and not str(function).endswith("write"):
+        return False
     cause = getattr(exc, "cause", None) or exc
-    return isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS
+    if isinstance(cause, PermissionError):
+        return True
+    if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
+        return True
+    text = str(cause).lower()
+    return isinstance(cause, OSError) and any(word in text for word in _STORAGE_WORDS)
 
 
 def one_line(exc: BaseException) -> str:

@@ -43,6 +43,16 @@ def test_storage_errors_stop_the_run_others_are_retried():
     assert storage_error(PermissionError(errno.EACCES, "denied"))
     assert not storage_error(RuntimeError("injected fault"))
     assert not storage_error(OSError(errno.ECONNRESET, "reset"))
+    assert storage_error(PermissionError("Access Denied."))  # s3fs: no errno
+    assert storage_error(OSError("An error occurred (QuotaExceeded) when calling PutObject"))
+
+    from ray.exceptions import RayTaskError
+
+    def raised_in(function: str, cause: BaseException):
+        return RayTaskError(function, "traceback", cause)
+
+    assert storage_error(raised_in("pipeline.tasks.write", OSError(errno.ENOSPC, "full")))
+    assert not storage_error(raised_in("pipeline.tasks.prepare", PermissionError("input not readable")))
     assert one_line(RuntimeError("first\nlast line")) == "RuntimeError: last line"
 
 

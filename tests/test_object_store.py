@@ -228,3 +228,33 @@ def test_image_keys_may_not_leave_the_image_root(tiny_model_config, s3_server, s
                    "abs": ("failed", "path_outside_root"), "url": ("failed", "path_outside_root"),
                    "missing": ("failed", "missing_file")}
     assert np.isfinite([r["lam"] for r in rows(open_store(out, opts)) if r["status"] == "ok"]).all()
+
+
+def test_other_readers_read_the_bucket(tiny_model_config, bucket_input, s3_server, s3_prefix):
+    """The URL forms the README gives for reading an output from a bucket: webdataset and wids
+    over presigned HTTP URLs (curl), Ray Data through pyarrow's S3 file system."""
+    import pyarrow.fs as pafs
+    import webdataset as wds
+    import wids
+
+    opts = s3_server.storage_options
+    out = f"s3://{s3_prefix}/out"
+    assert generate(GenerateConfig.build(flags(tiny_model_config, f"{bucket_input}/llava.json", out,
+                                               storage_options=opts))).ok
+    fs, index = s3_server.filesystem(), json.loads(open_store(out, opts).read_bytes("index.json"))
+    urls = [fs.url(f"{s3_prefix}/out/{entry['url']}", expires=600) for entry in index["shardlist"]]
+    assert all(u.startswith("http://127.0.0.1:") for u in urls)
+
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb"))
+    assert len(samples) == 11 and samples[0]["winner.png"].shape == (64, 64, 3)
+
+    shards = [{"url": u, "nsamples": e["nsamples"]} for u, e in zip(urls, index["shardlist"])]
+    ds = wids.ShardListDataset(shards, cache_dir=str(Path(s3_server.data) / "wids-cache"))
+    assert len(ds) == 11 and ds[4][".json"]["key"].startswith("0000")
+
+    endpoint = s3_server.endpoint.removeprefix("http://")
+    s3 = pafs.S3FileSystem(access_key=opts["key"], secret_key=opts["secret"], endpoint_override=endpoint,
+                           scheme="http", region="us-east-1")
+    tars = [f"{s3_prefix}/out/{entry['url']}" for entry in index["shardlist"]]
+    rows_ = ray.data.read_webdataset(tars, filesystem=s3).take_all()
+    assert len(rows_) == 11

@@ -118,3 +118,27 @@ def test_merge_and_attn_layer_are_checked_against_the_tower_before_any_worker(ti
         check_merging(GenerateConfig.build(base), tower)
     with pytest.raises(UserError, match="--attn-layer 9 is outside the tower's 4 blocks"):
         check_merging(GenerateConfig.build(base | {"merge": 0, "attn_layer": 9}), tower)
+
+
+def test_transient_errors_are_retried_and_facts_are_not(monkeypatch):
+    from stages import storage
+
+    monkeypatch.setattr(storage, "BACKOFF_S", 0.01)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return "done"
+
+    assert storage.read_with_retries(flaky) == "done" and len(calls) == 3
+
+    def denied():
+        calls.append(1)
+        raise PermissionError("Access Denied")
+
+    calls.clear()
+    with pytest.raises(PermissionError):
+        storage.read_with_retries(denied)
+    assert len(calls) == 1  # a fact is not retried
