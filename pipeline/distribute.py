@@ -141,8 +141,10 @@ class Distributor:
 
     def __init__(self, actors: list, submit: Callable, per_actor: int, unit_timeout: float,
                  on_written: Callable = lambda unit, stats: None, on_failed: Callable = lambda unit, reason: None,
-                 lost: Callable[[], bool] = lambda: False, on_tick: Callable[[], None] = lambda: None):
+                 lost: Callable[[], bool] = lambda: False, on_tick: Callable[[], None] = lambda: None,
+                 make_actor: Callable | None = None):
         self.actors, self.submit, self.per_actor, self.timeout = actors, submit, per_actor, unit_timeout
+        self.make_actor = make_actor
         self.on_written, self.on_failed, self.lost, self.on_tick = on_written, on_failed, lost, on_tick
         self.queues: list[deque[Attempt]] = [deque() for _ in actors]  # attempts not past their actor
         self.load = [0] * len(actors)
@@ -172,7 +174,7 @@ class Distributor:
             # must not report its errors as unhandled when the refs go away.
             os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
             for attempt in list(self.in_flight.values()):
-                self._cancel(attempt, kill_actor=False)
+                self._cancel(attempt)
             raise
         _settle(self.abandoned)
         return outcome
@@ -209,16 +211,34 @@ class Distributor:
     def _check_clocks(self, todo: deque, outcome: Outcome) -> None:
         now = time.monotonic()
         for ref, attempt in list(self.in_flight.items()):
-            if attempt.since is None or now - attempt.since <= self.timeout:
+            if ref not in self.in_flight or attempt.since is None or now - attempt.since <= self.timeout:
                 continue
-            del self.in_flight[ref]
             stage = attempt.stage
-            self._cancel(attempt, kill_actor=stage == "encode")
-            self.load[attempt.actor] -= 1
+            self._drop(attempt)
+            if stage == "encode":
+                self._replace_actor(attempt.actor, todo)
             reason = f"timeout: no progress for {self.timeout:g} s while {_STAGE_WORDS[stage]}"
             self._failed_attempt(attempt.unit, reason, todo, outcome)
 
-    def _cancel(self, attempt: Attempt, kill_actor: bool) -> None:
+    def _drop(self, attempt: Attempt) -> None:
+        """Stop tracking an attempt and cancel what of it still runs."""
+        for ref in attempt.refs:
+            self.in_flight.pop(ref, None)
+        self._cancel(attempt)
+        self.load[attempt.actor] -= 1
+
+    def _replace_actor(self, a: int, todo: deque) -> None:
+        """A call stuck in an actor (a wedged device, a deadlock) only ends with its process. The
+        actor is killed for good (a restarted one would retry the stuck call) and a new one takes
+        its place; the units queued behind the stuck one go back to the front of the queue
+        without counting an attempt: they were never at fault."""
+        ray.kill(self.actors[a], no_restart=True)
+        self.actors[a] = self.make_actor()
+        for attempt in list(self.queues[a]):
+            self._drop(attempt)
+            todo.appendleft(attempt.unit)
+
+    def _cancel(self, attempt: Attempt) -> None:
         prepared, decided, written = attempt.refs
         for ref, force in ((written, True), (decided, False), (prepared, True)):
             try:
@@ -232,8 +252,6 @@ class Distributor:
             queue.remove(attempt)
             if head and queue and queue[0].stage == "encode":
                 queue[0].since = time.monotonic()
-        if kill_actor:  # a call stuck in the actor (a wedged device, a deadlock) only ends with its process
-            ray.kill(self.actors[attempt.actor], no_restart=False)
 
     def _failed_attempt(self, unit, reason: str, todo: deque, outcome: Outcome, storage: bool = False) -> None:
         if storage and not outcome.storage_error:

@@ -159,11 +159,12 @@ def _distribute(cfg: GenerateConfig, units: list[Unit], tower, image_root, finge
     sizing = size_from_cluster(resources, cfg.workers, cfg.device)
     # Actors restart without limit: preemptible nodes take them down again and again over a long
     # run. A unit that kills its actor every time still ends, after max_task_retries x UNIT_RETRIES.
-    actors = [
-        UnitWorker.options(num_cpus=sizing.actor_cpus, num_gpus=sizing.actor_gpus, max_restarts=-1, max_task_retries=3)
-        .remote(cfg.to_dict(), sizing.device, sizing.threads)
-        for _ in range(min(sizing.actors, len(units)))
-    ]
+    def make_actor():
+        return (UnitWorker.options(num_cpus=sizing.actor_cpus, num_gpus=sizing.actor_gpus, max_restarts=-1,
+                                   max_task_retries=3)
+                .remote(cfg.to_dict(), sizing.device, sizing.threads))
+
+    actors = [make_actor() for _ in range(min(sizing.actors, len(units)))]
     # Warnings raised while the actors load (random weights, open_clip's own) reach this terminal once.
     messages = ActorMessages([actor.load_messages.remote() for actor in actors])
     prepare = _prepare.options(num_cpus=sizing.task_cpus, max_retries=3)
@@ -189,7 +190,7 @@ def _distribute(cfg: GenerateConfig, units: list[Unit], tower, image_root, finge
 
     distributor = Distributor(actors, submit, units_in_flight(resources, sizing, len(actors)), cfg.unit_timeout,
                               on_written=written, on_failed=lambda unit, reason: bar.update(unit.size),
-                              lost=lease.lost.is_set, on_tick=messages.print_new)
+                              lost=lease.lost.is_set, on_tick=messages.print_new, make_actor=make_actor)
     try:
         return distributor.run(units), sizing
     finally:
