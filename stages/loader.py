@@ -238,9 +238,10 @@ class ShardBatches(IterableDataset):
     of the epoch's stream (shards in `epoch_shards()` order, samples in input order; the last
     batch may be smaller). Ranks take batches start, start + 1, ... in turn, and a rank's
     workers take its batches in turn, which is the order a DataLoader returns them in, so
-    `DataLoader(ShardBatches(ds, 8), batch_size=None, num_workers=W)` yields the same batches
-    for every W. Each batch carries `batch_index` (b). Batches before `start` are passed over
-    without decoding: resume at `start` = batches already used of this epoch."""
+    `DataLoader(ShardBatches(ds, 8), batch_size=None, num_workers=W, collate_fn=collated)`
+    yields the same batches for every W. Each batch carries `batch_index` (b). Batches before
+    `start` are passed over without decoding: resume at `start` = batches already used of this
+    epoch. Every worker reads the epoch's tars through (it decodes only its own batches)."""
 
     def __init__(self, dataset: ShardDataset, batch_size: int, start: int = 0):
         super().__init__()
@@ -271,6 +272,11 @@ class ShardBatches(IterableDataset):
                     samples.append(load())
         if samples:
             yield {**collate_pairs(samples), "batch_index": current}
+
+
+def collated(batch: dict) -> dict:
+    """The DataLoader collate_fn for ShardBatches (`batch_size=None`): its batches come collated."""
+    return batch
 
 
 def collate_pairs(batch: list[dict]) -> dict:

@@ -28,7 +28,7 @@ from schemas.layout import SHARDS_DIR, shard_name, tar_name
 from stages.errors import UserError
 from stages.outdir import committed_units, unfinished
 from stages.storage import LocalStore
-from stages.loader import ShardBatches, ShardDataset, collate_pairs, rank_world
+from stages.loader import ShardBatches, ShardDataset, collate_pairs, collated, rank_world
 from stages.losses import mergemix_loss
 from stages.vlm import build_adapter
 
@@ -143,10 +143,6 @@ def turns_of(batch: dict) -> list:
     return batch["turns"]
 
 
-def _as_is(batch):
-    return batch  # ShardBatches collates in the worker
-
-
 class BatchStream:
     """Endless batches over epochs with a resumable position (epoch, batches used in it). The
     batches and their order do not depend on `num_workers` (see ShardBatches)."""
@@ -158,7 +154,7 @@ class BatchStream:
         while True:
             self.dataset.set_epoch(self.epoch)
             batches = ShardBatches(self.dataset, self.cfg.batch_size, start=self.offset)
-            loader = DataLoader(batches, batch_size=None, collate_fn=_as_is, num_workers=self.cfg.num_workers)
+            loader = DataLoader(batches, batch_size=None, collate_fn=collated, num_workers=self.cfg.num_workers)
             empty = True
             for batch in loader:
                 empty = False

@@ -15,7 +15,7 @@ from PIL import Image
 
 from schemas.shard import empty_row
 from stages.errors import UserError
-from stages.loader import NORMALIZE, ShardBatches, ShardDataset, collate_pairs, sample_turns
+from stages.loader import NORMALIZE, ShardBatches, ShardDataset, collate_pairs, collated, sample_turns
 from stages.writer import write_unit
 from tests.shard_fixtures import GRID, H, W, make_output, unit_rows
 
@@ -286,7 +286,7 @@ def test_sample_turns_follows_llava_conversations():
 
 def _batches(ds, batch_size, workers, start=0):
     loader = torch.utils.data.DataLoader(ShardBatches(ds, batch_size, start=start), batch_size=None,
-                                         num_workers=workers, collate_fn=lambda b: b)
+                                         num_workers=workers, collate_fn=collated)
     return [(b["batch_index"], b["key"]) for b in loader]
 
 
