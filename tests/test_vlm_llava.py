@@ -16,13 +16,11 @@ import torch  # noqa: E402
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("sentencepiece")
 
-from schemas.shard import empty_row, sample_key  # noqa: E402
 from stages.errors import UserError  # noqa: E402
 from stages.losses import IGNORE_INDEX, mergemix_loss, sequence_logps, sft_loss  # noqa: E402
 from stages.train import CHECKPOINT, LOG, TrainConfig, train  # noqa: E402
 from stages.vlm import LlavaHF  # noqa: E402
-from stages.writer import PairImages, write_run_files, write_unit  # noqa: E402
-from tests.test_train import COLOURS, Interrupted, read_log, stop_at  # noqa: E402
+from tests.test_train import Interrupted, read_log, stop_at  # noqa: E402
 from tests.tiny_llava import IMAGE_TOKENS, LLAVA_HF_CHAT_TEMPLATE, llama_tokenizer, tiny_llava  # noqa: E402
 
 # LLaVA-1.5's system prompt (conv_vicuna_v1), written out here rather than imported.
@@ -199,40 +197,6 @@ def test_slow_tokenizers_and_templates_that_are_not_turn_by_turn_are_refused(tmp
 # --- training on shards -------------------------------------------------------------------
 
 
-def chat_shards(out, units: int = 2, per_unit: int = 8):
-    """Shards of colour pictures with LLaVA conversations of one or two turns, and two
-    text-only rows per unit (status skipped, no_image) with two-turn conversations."""
-    rng = np.random.default_rng(0)
-    names = list(COLOURS)
-    mask = np.full((4, 4), 255, np.uint8)
-    mask[:, :2] = 0
-    keep = np.kron(mask // 255, np.ones((8, 8), np.uint8))[..., None]
-    for unit in range(units):
-        rows, images = [], {}
-        picks = rng.integers(0, len(names), per_unit)
-        pics = [np.clip(np.array(COLOURS[names[c]]) + rng.integers(-25, 26, (32, 32, 3)), 0, 255).astype(np.uint8) for c in picks]
-        for i in range(per_unit):
-            key, colour = sample_key(unit, i), names[picks[i]]
-            conv = [{"from": "human", "value": "<image>\nWhat colour is the picture?"}, {"from": "gpt", "value": f"It is {colour}."}]
-            if i % 2:
-                conv += [{"from": "human", "value": "Is it bright or dark?"},
-                         {"from": "gpt", "value": "Bright." if colour in ("white", "yellow") else "Dark."}]
-            common = dict(key=key, unit=unit, index=i, prompt="What colour is the picture?", answer=f"It is {colour}.")
-            if i in (3, 6):
-                text = [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": colour.capitalize() + "."},
-                        {"from": "human", "value": "Another one?"}, {"from": "gpt", "value": "Blue."}]
-                rows.append(empty_row(source_id=f"text/{unit}/{i}", status="skipped", error="no_image: text-only sample",
-                                      **{**common, "conversations": json.dumps(text), "prompt": "Name a colour."}))
-                continue
-            j = next(k for k in range(i + 1, i + per_unit) if picks[k % per_unit] != picks[i]) % per_unit
-            rows.append(empty_row(source_id=f"colours/{unit}/{i}", status="ok", partner_key=sample_key(unit, j), lam=0.5,
-                                  lam_hat=0.5, margin=0.5, method="half", conversations=json.dumps(conv), **common))
-            images[key] = PairImages(pics[i], (pics[i] * keep + pics[j] * (1 - keep)).astype(np.uint8), mask)
-        write_unit(out, unit, rows, images, image_format="png", fingerprint="chats")
-    write_run_files(out, {"fingerprint": "chats", "units_planned": units})
-    return out
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, make_adapter):
     path = tmp_path_factory.mktemp("tiny-llava")
@@ -241,8 +205,36 @@ def model_dir(tmp_path_factory, make_adapter):
 
 
 @pytest.fixture(scope="module")
-def chats(tmp_path_factory):
-    return chat_shards(tmp_path_factory.mktemp("chats"))
+def chats(tmp_path_factory, tiny_model_config):
+    """Shards made by `generate` (real Ray, the tiny open_clip tower) from a LLaVA JSON of 12
+    pictures, every other one with a second turn, and 3 text-only conversations of two turns
+    among them (they become skipped rows, error no_image): 15 inputs in 3 units."""
+    import ray
+
+    from pipeline.config import GenerateConfig
+    from pipeline.run import generate
+    from stages.sample_data import write_sample_data
+
+    root = tmp_path_factory.mktemp("chat-input")
+    rows = json.loads(write_sample_data(root, n=12, seed=5).read_text())[:-1]
+    for i, row in enumerate(rows):
+        if i % 2:
+            row["conversations"] += [{"from": "human", "value": "Is it bright or dark?"}, {"from": "gpt", "value": "Bright."}]
+    for at in (2, 7, 13):
+        rows.insert(at, {"id": f"text-{at}", "conversations": [
+            {"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Red."},
+            {"from": "human", "value": "Another one?"}, {"from": "gpt", "value": "Blue."}]})
+    (root / "chats.json").write_text(json.dumps(rows))
+    out = tmp_path_factory.mktemp("chats")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = generate(GenerateConfig.build(dict(
+            input=str(root / "chats.json"), image_root=str(root), output=str(out), model=str(tiny_model_config),
+            pretrained="none", merge=16, samples_per_shard=5, batch_size=4, image_format="png", progress=False, seed=1)))
+    finally:
+        ray.shutdown()
+    assert result.ok and result.counts == {"ok": 12, "failed": 0, "skipped": 3}
+    return out
 
 
 def test_saved_model_folder_reads_conversations_the_same(make_adapter, model_dir):
@@ -274,8 +266,8 @@ def test_llava_hf_trains_on_shards_with_text_only_rows_and_frozen_vision(model_d
 
 def test_llava_hf_resume_with_other_workers_equals_one_run(model_dir, chats, tmp_path):
     """Stopped at step 4 (checkpoint: step 3) and resumed with 2 loader workers instead of none:
-    the same weights and log as one uninterrupted run (6 steps of 4 samples: one epoch of 16,
-    12 pairs and 4 text-only rows, then half of the next)."""
+    the same weights and log as one uninterrupted run (6 steps of 4 samples: one epoch of 15,
+    12 pairs and 3 text-only rows, in 4 batches, then half of the next)."""
     common = dict(shards=str(chats), model="llava-hf", model_path=str(model_dir), steps=6, batch_size=4, lr=3e-3,
                   warmup=2, log_every=1, save_every=3, text_only_rows=True)
     train(TrainConfig(output=str(tmp_path / "once"), **common), echo=lambda line: None)
