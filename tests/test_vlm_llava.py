@@ -18,7 +18,7 @@ pytest.importorskip("sentencepiece")
 
 from stages.errors import UserError  # noqa: E402
 from stages.losses import IGNORE_INDEX, mergemix_loss, sequence_logps, sft_loss  # noqa: E402
-from stages.train import CHECKPOINT, LOG, TrainConfig, train  # noqa: E402
+from stages.train import CHECKPOINT, TrainConfig, train  # noqa: E402
 from stages.vlm import LlavaHF  # noqa: E402
 from tests.test_train import Interrupted, read_log, stop_at  # noqa: E402
 from tests.tiny_llava import IMAGE_TOKENS, LLAVA_HF_CHAT_TEMPLATE, llama_tokenizer, tiny_llava  # noqa: E402
