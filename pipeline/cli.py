@@ -251,7 +251,9 @@ def train_cmd(
     two_sided: bool = typer.Option(False, "--two-sided", help="gradients through the loser too (default: stop-gradient)"),
     margin_from: str = typer.Option("lam_hat", "--margin-from", help="SimPO margin 1 - lam_hat (stored) or 1 - lam"),
     seed: int = typer.Option(0),
-    num_workers: int = typer.Option(0, "--num-workers", help="DataLoader workers"),
+    max_length: int = typer.Option(2048, "--max-length", help="tokens kept per sequence, image tokens included (LLaVA-1.5: 2048); 0 = no cut"),
+    text_only_rows: bool = typer.Option(False, "--text-only-rows", help="also train on the text-only rows of the Parquet metadata (skipped: no_image), SFT only"),
+    num_workers: int = typer.Option(0, "--num-workers", help="DataLoader workers (may change on --resume: the batch order does not depend on it)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --output from its checkpoint"),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="train on the units committed now of an unfinished output (a fixed set, announced)"),
@@ -265,8 +267,8 @@ def train_cmd(
         gradient_checkpointing=gradient_checkpointing, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         weight_decay=weight_decay, warmup=warmup, max_grad_norm=max_grad_norm, log_every=log_every, save_every=save_every,
         beta=beta, sft_weight=sft_weight, pref_weight=pref_weight, two_sided=two_sided, margin_from=margin_from, seed=seed,
-        num_workers=num_workers, device=device, resume=resume, allow_partial=allow_partial,
-        storage_options=_storage_options(storage_options),
+        max_length=max_length or None, text_only_rows=text_only_rows, num_workers=num_workers, device=device, resume=resume,
+        allow_partial=allow_partial, storage_options=_storage_options(storage_options),
     ), echo=typer.echo)
     typer.echo(f"done: step {result['step']}, run folder {result['output']}")
 

@@ -7,6 +7,13 @@ Shards are split across distributed ranks and DataLoader workers (consumer c of 
 shards c, c + C, ...), so every committed sample is read exactly once per epoch when
 there are at least as many shards as consumers. Call `set_epoch(e)` with
 `shuffle_shards=True` to change the shard order each epoch.
+
+`ShardBatches` gives batches in one fixed order instead, whatever the number of workers and
+ranks, and can start at any batch of an epoch without decoding the ones before (resume).
+
+Every sample carries `turns`: the (question, answer) exchanges to train on, every turn of a
+LLaVA conversation. With `text_only=True` the text-only rows of the Parquet metadata (status
+`skipped`, error `no_image`) come too, in input order, with `has_image` False and no images.
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import json
 import os
 import random
 import warnings
+from functools import partial
 
 import numpy as np
 import torch
@@ -21,8 +29,8 @@ import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stages.errors import UserError
+from stages.shardread import ShardRef, iter_tar_samples, read_parquet, read_sample, resolve_shards
 from stages.tower import OPENAI_MEAN, OPENAI_STD
-from stages.shardread import ShardRef, iter_tar_samples, read_sample, resolve_shards
 
 # open_clip / OpenAI CLIP and ImageNet channel statistics.
 NORMALIZE = {
@@ -31,17 +39,69 @@ NORMALIZE = {
 }
 
 
-def _rank_world() -> tuple[int, int]:
+DEFAULT_PROMPT = "What is in the image?"  # the question of classification rows (label only)
+IMAGE_PLACEHOLDER = "<image>"  # LLaVA's mark for the image in a human turn
+USER_ROLES, ASSISTANT_ROLES = ("human", "user"), ("gpt", "assistant")
+# Parquet columns a text-only sample is built from.
+TEXT_COLUMNS = ["key", "source_id", "status", "error", "prompt", "answer", "conversations", "label"]
+
+
+def sample_turns(conversations, prompt: str | None, answer: str | None, label: str | None) -> list[tuple[str, str]]:
+    """The (question, answer) exchanges of a sample, in order; questions without the `<image>`
+    placeholder (an adapter puts the image where its model wants it).
+
+    A LLaVA conversation gives every human -> gpt exchange. As LLaVA's own preprocessing does, a
+    conversation opening with a gpt turn loses that turn; consecutive turns of one role are
+    joined with a newline; a last question without an answer has nothing to learn and is left
+    out. Without a conversation: the prompt and answer; classification rows answer
+    DEFAULT_PROMPT (or their prompt) with the label."""
+    turns, question, reply = [], None, None
+    for turn in conversations or []:
+        role, value = turn.get("from"), turn.get("value") or ""
+        if role in USER_ROLES:
+            if reply is not None:
+                turns.append((question, reply))
+                question, reply = None, None
+            value = _without_placeholder(value)
+            question = value if question is None else f"{question}\n{value}"
+        elif role in ASSISTANT_ROLES and question is not None:
+            reply = value if reply is None else f"{reply}\n{value}"
+    if question is not None and reply is not None:
+        turns.append((question, reply))
+    if not turns:
+        if answer is None and label is not None:
+            prompt, answer = prompt or DEFAULT_PROMPT, str(label)
+        if answer is not None:
+            turns = [(_without_placeholder(prompt or ""), answer)]
+    return [(q, a.replace(IMAGE_PLACEHOLDER, "")) for q, a in turns]  # one image, placed by the adapter
+
+
+def _without_placeholder(question: str) -> str:
+    # LLaVA moves "<image>" to the front of its turn and strips what it leaves: same text here.
+    return question.replace(IMAGE_PLACEHOLDER, "").strip() if IMAGE_PLACEHOLDER in question else question
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: torch.distributed when initialised, else RANK / WORLD_SIZE."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def _parquet_name(ref: ShardRef) -> str:
+    return ref.name[: -len(".tar")] + ".parquet"
+
+
+def _parquet_where(ref: ShardRef) -> str:
+    return ref.where[: -len(".tar")] + ".parquet"
+
+
 class ShardDataset(IterableDataset):
     """Yields one dict per pair: key, source_id, winner, loser (float32 3 x H x W in [0, 1],
-    or normalised), prompt, answer, conversations (parsed list or None), lam, lam_hat,
-    margin, label, partner_key, method (+ mask: float32 1 x gh x gw, the winner's share of each
-    patch: 1 = from the winner, 0 = not; mixup: about lam on every patch)."""
+    or normalised), prompt, answer, conversations (parsed list or None), turns, lam, lam_hat,
+    margin, label, partner_key, method, has_image (+ mask: float32 1 x gh x gw, the winner's
+    share of each patch: 1 = from the winner, 0 = not; mixup: about lam on every patch). With `text_only`, text-only rows come too: has_image False, winner/loser/mask
+    None, lam/lam_hat/margin 0.0 (collate_pairs fills zero images)."""
 
     def __init__(
         self,
@@ -52,6 +112,7 @@ class ShardDataset(IterableDataset):
         shuffle_shards: bool = False,
         seed: int = 0,
         include_mask: bool = False,
+        text_only: bool = False,
         storage_options: dict | None = None,
     ):
         super().__init__()
@@ -67,18 +128,23 @@ class ShardDataset(IterableDataset):
         self.shuffle_shards = shuffle_shards
         self.seed = seed
         self.include_mask = include_mask
+        self.text_only = text_only
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def shards_for_consumer(self, rank: int, world: int, worker: int, num_workers: int) -> list[ShardRef]:
-        """The shards one (rank, worker) reads: a deterministic stride over the (shuffled) list."""
+    def epoch_shards(self) -> list[ShardRef]:
+        """All shards in this epoch's order (shuffled per epoch with `shuffle_shards`)."""
         order = list(self.shards)
         if self.shuffle_shards:
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def shards_for_consumer(self, rank: int, world: int, worker: int, num_workers: int) -> list[ShardRef]:
+        """The shards one (rank, worker) reads: a deterministic stride over the (shuffled) list."""
         consumers = world * num_workers
-        return order[rank * num_workers + worker :: consumers]
+        return self.epoch_shards()[rank * num_workers + worker :: consumers]
 
     def _to_tensor(self, pixels: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
@@ -91,29 +157,64 @@ class ShardDataset(IterableDataset):
         return t
 
     def _sample(self, ref: ShardRef, key: str, parts: dict[str, bytes]) -> dict:
-        rec, winner, loser, mask = read_sample(parts, f"{ref.where}: sample {key}", self.include_mask)
-        conv = rec.get("conversations")
-        sample = {
-            "key": key,
-            "source_id": rec.get("source_id"),
+        where = f"{ref.where}: sample {key}"
+        rec, winner, loser, mask = read_sample(parts, where, self.include_mask)
+        sample = self._text_fields(rec, key, where)
+        sample.update({
             "winner": self._to_tensor(winner),
             "loser": self._to_tensor(loser),
-            "prompt": rec.get("prompt"),
-            "answer": rec.get("answer"),
-            "conversations": json.loads(conv) if conv else None,
             "lam": float(rec["lam"]),
             "lam_hat": float(rec["lam_hat"]),
             "margin": float(rec["margin"]),
-            "label": rec.get("label"),
             "partner_key": rec.get("partner_key"),
             "method": rec.get("method"),
-        }
+            "has_image": True,
+        })
         if mask is not None:
             sample["mask"] = torch.from_numpy(mask.astype(np.float32) / 255.0)[None]  # mixup: its blend weight
         return sample
 
+    def _text_fields(self, rec: dict, key: str, where: str) -> dict:
+        try:
+            conv = json.loads(rec["conversations"]) if rec.get("conversations") else None
+        except ValueError:
+            conv = False
+        if conv is not None and not (isinstance(conv, list) and all(isinstance(t, dict) for t in conv)):
+            raise UserError(f"{where}: conversations is not a JSON list of turns; the shard is damaged")
+        prompt, answer, label = rec.get("prompt"), rec.get("answer"), rec.get("label")
+        return {"key": key, "source_id": rec.get("source_id"), "prompt": prompt, "answer": answer,
+                "conversations": conv, "turns": sample_turns(conv, prompt, answer, label), "label": label}
+
+    def _text_only_sample(self, ref: ShardRef, row: dict) -> dict:
+        sample = self._text_fields(row, row["key"], f"{_parquet_where(ref)}: row {row['key']}")
+        sample.update({"winner": None, "loser": None, "lam": 0.0, "lam_hat": 0.0, "margin": 0.0,
+                       "partner_key": None, "method": None, "has_image": False})
+        if self.include_mask:
+            sample["mask"] = None
+        return sample
+
+    def _text_only_rows(self, ref: ShardRef) -> list[dict]:
+        """The shard's text-only rows (skipped for having no image), from its Parquet file."""
+        name = _parquet_name(ref)
+        if not ref.store.is_file(name):
+            raise UserError(f"{_parquet_where(ref)} is missing: text-only rows are read from the Parquet file next to each tar")
+        rows = read_parquet(ref.store, name, columns=TEXT_COLUMNS).to_pylist()
+        return [r for r in rows if r["status"] == "skipped" and (r["error"] or "").startswith("no_image")]
+
+    def entries(self, ref: ShardRef):
+        """(key, load) for every sample of one shard in input order; `load()` decodes it, so a
+        reader can pass over samples it does not need without decoding their images."""
+        text_rows = self._text_only_rows(ref) if self.text_only else []
+        for key, parts in iter_tar_samples(ref):
+            while text_rows and text_rows[0]["key"] < key:  # keys sort in input order
+                row = text_rows.pop(0)
+                yield row["key"], partial(self._text_only_sample, ref, row)
+            yield key, partial(self._sample, ref, key, parts)
+        for row in text_rows:
+            yield row["key"], partial(self._text_only_sample, ref, row)
+
     def __iter__(self):
-        rank, world = _rank_world()
+        rank, world = rank_world()
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         mine = self.shards_for_consumer(rank, world, worker, num_workers)
@@ -124,21 +225,76 @@ class ShardDataset(IterableDataset):
                 stacklevel=2,
             )
         for ref in mine:
-            for key, parts in iter_tar_samples(ref):
-                yield self._sample(ref, key, parts)
+            for _, load in self.entries(ref):
+                yield load()
+
+
+class ShardBatches(IterableDataset):
+    """Collated batches of a ShardDataset in one order that depends on neither DataLoader
+    workers nor ranks: batch b of an epoch holds samples [b * batch_size, (b + 1) * batch_size)
+    of the epoch's stream (shards in `epoch_shards()` order, samples in input order; the last
+    batch may be smaller). Ranks take batches start, start + 1, ... in turn, and a rank's
+    workers take its batches in turn, which is the order a DataLoader returns them in, so
+    `DataLoader(ShardBatches(ds, 8), batch_size=None, num_workers=W, collate_fn=collated)`
+    yields the same batches for every W. Each batch carries `batch_index` (b). Batches before
+    `start` are passed over without decoding: resume at `start` = batches already used of this
+    epoch. Every worker reads the epoch's tars through (it decodes only its own batches)."""
+
+    def __init__(self, dataset: ShardDataset, batch_size: int, start: int = 0):
+        super().__init__()
+        if batch_size < 1 or start < 0:
+            raise ValueError(f"batch_size {batch_size} must be positive and start {start} not negative")
+        self.dataset, self.batch_size, self.start = dataset, batch_size, start
+
+    def __iter__(self):
+        rank, world = rank_world()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+
+        def mine(b: int) -> bool:
+            turn = b - self.start
+            return turn >= 0 and turn % world == rank and (turn // world) % workers == worker
+
+        current, samples = None, []
+        position = 0
+        for ref in self.dataset.epoch_shards():
+            for _, load in self.dataset.entries(ref):
+                b = position // self.batch_size
+                position += 1
+                if b != current:
+                    if samples:
+                        yield {**collate_pairs(samples), "batch_index": current}
+                    current, samples = b, []
+                if mine(b):
+                    samples.append(load())
+        if samples:
+            yield {**collate_pairs(samples), "batch_index": current}
+
+
+def collated(batch: dict) -> dict:
+    """The DataLoader collate_fn for ShardBatches (`batch_size=None`): its batches come collated."""
+    return batch
 
 
 def collate_pairs(batch: list[dict]) -> dict:
-    """Stack image tensors, make float tensors of lam/lam_hat/margin, keep everything else as lists."""
+    """Stack image tensors, make float tensors of lam/lam_hat/margin and a bool tensor of
+    has_image, keep everything else as lists. Text-only samples (image None) get zero images
+    shaped like the batch's others."""
     if not batch:
         raise ValueError("collate_pairs got an empty batch")
     out = {}
     for name in batch[0]:
         values = [b[name] for b in batch]
-        if isinstance(values[0], torch.Tensor):
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        if name in ("winner", "loser", "mask"):
+            like = tensors[0] if tensors else torch.zeros(1 if name == "mask" else 3, 1, 1)
+            out[name] = torch.stack([like.new_zeros(like.shape) if v is None else v for v in values])
+        elif tensors:
             out[name] = torch.stack(values)
         elif name in ("lam", "lam_hat", "margin"):
             out[name] = torch.tensor(values, dtype=torch.float32)
+        elif name == "has_image":
+            out[name] = torch.tensor(values, dtype=torch.bool)
         else:
             out[name] = values
     return out

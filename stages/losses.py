@@ -105,18 +105,26 @@ def mergemix_loss(
 
     The loser side is detached unless `two_sided` (the reference trainer runs the loser forward
     without gradient; run it under `torch.no_grad()` yourself to also save the memory).
-    Rows with `has_image` False contribute SFT only: a text-only sample has no mixed image."""
-    winner = sequence_logps(winner_logits, winner_labels).mean
-    loser = sequence_logps(loser_logits, loser_labels).mean
+    Rows with `has_image` False contribute SFT only: a text-only sample has no mixed image.
+    Rows without a labelled token (an answer cut off by truncation) leave SimPO too: their
+    score would be 0/0. Metrics count both (`counts/*`: pairs in SimPO, SFT-only rows, rows
+    without an answer token)."""
+    winner_scores = sequence_logps(winner_logits, winner_labels)
+    loser_scores = sequence_logps(loser_logits, loser_labels)
+    winner, loser = winner_scores.mean, loser_scores.mean
     if not two_sided:
         loser = loser.detach()
     sft = sft_loss(winner_logits, winner_labels)
-    losses, chosen, rejected = mixed_simpo_loss(winner, loser, margin, beta)
-    keep = torch.ones_like(losses, dtype=torch.bool) if has_image is None else has_image.to(losses.device).bool()
+    image = torch.ones_like(winner, dtype=torch.bool) if has_image is None else has_image.to(winner.device).bool()
+    answered = (winner_scores.tokens > 0) & (loser_scores.tokens > 0)
+    keep = image & answered
+    margin = torch.as_tensor(margin, dtype=winner.dtype, device=winner.device).expand_as(winner)
+    losses, chosen, rejected = mixed_simpo_loss(winner, loser, torch.where(keep, margin, torch.zeros_like(margin)), beta)
     simpo = losses[keep].mean() if keep.any() else losses.sum() * 0.0
     loss = sft_weight * sft + pref_weight * simpo
     chosen, rejected = chosen[keep], rejected[keep]
-    metrics = {"loss": loss.item(), "sft": sft.item(), "simpo": simpo.item()}
+    metrics = {"loss": loss.item(), "sft": sft.item(), "simpo": simpo.item(), "counts/pairs": int(keep.sum()),
+               "counts/sft_only": int((~image).sum()), "counts/no_answer": int((~answered).sum())}
     if keep.any():
         metrics.update(
             {

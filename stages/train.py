@@ -4,9 +4,11 @@ One optimizer step = `grad_accum` micro-batches. Each micro-batch runs the model
 images (with gradient: SFT and the winner side of SimPO) and on the mixed images (without
 gradient unless `two_sided`), then `stages.losses.mergemix_loss`. AdamW, linear warm-up then
 cosine decay, bf16 autocast on CUDA, gradient clipping. Every `log_every` steps the metrics
-averaged since the last log go to stdout and `RUN_DIR/log.jsonl`. `RUN_DIR/checkpoint.pt`
-holds the trainable weights, optimizer, schedule and data position, so `resume` continues
-exactly where the run stopped.
+averaged since the last log (counts summed) go to stdout and `RUN_DIR/log.jsonl`.
+`RUN_DIR/checkpoint.pt` holds the trainable weights, optimizer, schedule and data position
+(epoch, batches used of it: `stages.loader.ShardBatches` makes that position mean the same
+batches whatever `num_workers`), so `resume` continues exactly where the run stopped.
+With `text_only_rows`, the text-only rows of the Parquet metadata train too (SFT only).
 """
 from __future__ import annotations
 
@@ -26,16 +28,18 @@ from schemas.layout import SHARDS_DIR, shard_name, tar_name
 from stages.errors import UserError
 from stages.outdir import committed_units, unfinished
 from stages.storage import open_store
-from stages.loader import ShardDataset, collate_pairs
+from stages.loader import ShardBatches, ShardDataset, collate_pairs, collated, rank_world
 from stages.losses import mergemix_loss
 from stages.vlm import build_adapter
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 CONFIG = "train_config.json"
-# Settings that must not change when a run is resumed.
-FIXED_ON_RESUME = ("model", "model_path", "batch_size", "grad_accum", "seed", "two_sided")
-DEFAULT_PROMPT = "What is in the image?"
+# Settings that must not change when a run is resumed (the model, or what a data position means).
+FIXED_ON_RESUME = ("model", "model_path", "batch_size", "grad_accum", "seed", "two_sided", "text_only_rows")
+# What a checkpoint's data position counts: batches of ShardBatches, the same for any number of
+# workers. Older checkpoints counted DataLoader batches, whose order changed with the workers.
+BATCH_ORDER = "shard-batches-1"
 
 
 @dataclass
@@ -61,7 +65,9 @@ class TrainConfig:
     two_sided: bool = False  # gradients through the loser too
     margin_from: str = "lam_hat"  # gamma = 1 - lam_hat (stored margin) | 1 - lam
     seed: int = 0
-    num_workers: int = 0
+    max_length: int | None = 2048  # tokens per sequence, image tokens included (LLaVA-1.5: 2048); None: no cut
+    text_only_rows: bool = False  # also train on the text-only rows of the Parquet metadata (SFT only)
+    num_workers: int = 0  # DataLoader workers; may change on resume (the batch order does not depend on it)
     device: str = "auto"
     resume: bool = False
     allow_partial: bool = False  # train on the units committed now of an unfinished output
@@ -75,6 +81,8 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if self.lr <= 0 or self.warmup < 0 or self.save_every < 0 or self.num_workers < 0:
             raise UserError("--lr must be positive; --warmup, --save-every and --num-workers must not be negative")
+        if self.max_length is not None and self.max_length < 2:
+            raise UserError(f"--max-length must be at least 2 tokens, got {self.max_length}")
         if self.margin_from not in ("lam_hat", "lam"):
             raise UserError(f"--margin-from must be lam_hat or lam, got {self.margin_from!r}")
 
@@ -134,21 +142,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def texts(batch: dict) -> tuple[list[str], list[str]]:
-    """Prompts and answers; classification shards (label only) train on `label` as the answer."""
-    prompts, answers = [], []
-    for prompt, answer, label in zip(batch["prompt"], batch["answer"], batch["label"]):
-        if answer is None and label is not None:
-            prompt, answer = prompt or DEFAULT_PROMPT, str(label)
-        if answer is None:
-            raise UserError("a sample has neither answer nor label; train needs text targets (generate from LLaVA JSON or a labelled manifest)")
-        prompts.append(prompt or "")
-        answers.append(answer)
-    return prompts, answers
+def turns_of(batch: dict) -> list:
+    """The (question, answer) turns of every sample (loader: `turns`); a sample without any
+    is a user error: train needs text targets."""
+    for key, turns in zip(batch["key"], batch["turns"]):
+        if not turns:
+            raise UserError(f"sample {key} has no answer, conversation or label; train needs text targets "
+                            "(generate from LLaVA JSON or a labelled manifest)")
+    return batch["turns"]
 
 
 class BatchStream:
-    """Endless batches over epochs with a resumable position (epoch, batches used in it)."""
+    """Endless batches over epochs with a resumable position (epoch, batches used in it). The
+    batches and their order do not depend on `num_workers` (see ShardBatches)."""
 
     def __init__(self, dataset: ShardDataset, cfg: TrainConfig, epoch: int = 0, offset: int = 0):
         self.dataset, self.cfg, self.epoch, self.offset = dataset, cfg, epoch, offset
@@ -156,17 +162,33 @@ class BatchStream:
     def __iter__(self):
         while True:
             self.dataset.set_epoch(self.epoch)
-            loader = DataLoader(self.dataset, batch_size=self.cfg.batch_size, collate_fn=collate_pairs, num_workers=self.cfg.num_workers)
-            seen = 0
-            for index, batch in enumerate(loader):
-                seen += 1
-                if index < self.offset:  # resume: skip what the saved run already used
-                    continue
-                self.offset = index + 1
+            batches = ShardBatches(self.dataset, self.cfg.batch_size, start=self.offset)
+            loader = DataLoader(batches, batch_size=None, collate_fn=collated, num_workers=self.cfg.num_workers)
+            empty = True
+            for batch in loader:
+                empty = False
+                self.offset = batch["batch_index"] + 1
                 yield batch
-            if seen == 0:
-                raise UserError(f"no ok samples in {self.cfg.shards}; `mergemix-pipeline inspect` it to see why (e.g. all inputs failed)")
+            if empty and self.offset == 0:
+                what = "ok or text-only samples" if self.dataset.text_only else "ok samples"
+                raise UserError(f"no {what} in {self.cfg.shards}; `mergemix-pipeline inspect` it to see why (e.g. all inputs failed)")
             self.epoch, self.offset = self.epoch + 1, 0
+
+
+class MetricSums:
+    """Metrics since the last log line: `counts/*` summed, the rest averaged over the
+    micro-batches that reported them (a batch without pairs has no rewards)."""
+
+    def __init__(self):
+        self.sums, self.reports = defaultdict(float), defaultdict(int)
+
+    def add(self, metrics: dict) -> None:
+        for name, value in metrics.items():
+            self.sums[name] += value
+            self.reports[name] += 1
+
+    def result(self) -> dict:
+        return {k: int(v) if k.startswith("counts/") else v / self.reports[k] for k, v in self.sums.items()}
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -197,13 +219,14 @@ def evaluate(model: torch.nn.Module, shards, *, batch_size: int = 16, max_batche
     for i, batch in enumerate(DataLoader(dataset, batch_size=batch_size, collate_fn=collate_pairs)):
         if max_batches is not None and i >= max_batches:
             break
-        prompts, answers = texts(batch)
-        w_logits, w_labels = model(batch["winner"].to(device), prompts, answers)
-        l_logits, l_labels = model(batch["loser"].to(device), prompts, answers)
+        turns = turns_of(batch)
+        w_logits, w_labels = model(batch["winner"].to(device), turns)
+        l_logits, l_labels = model(batch["loser"].to(device), turns)
         result = mergemix_loss(w_logits, w_labels, l_logits, l_labels, batch["margin"].to(device), beta=beta)
         for name, value in result.metrics.items():
-            sums[name] += value * len(answers)
-        n += len(answers)
+            if not name.startswith("counts/"):
+                sums[name] += value * len(turns)
+        n += len(turns)
     model.train(was_training)
     if n == 0:
         raise UserError(f"no samples in {shards}")
@@ -226,7 +249,7 @@ def load_trained(run_dir, device: str = "cpu") -> torch.nn.Module:
     known = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in json.loads((run / CONFIG).read_text()).items() if k in known})
     torch.manual_seed(cfg.seed)
-    model = build_adapter(cfg.model, cfg.model_path, dtype=cfg.model_dtype)
+    model = build_adapter(cfg.model, cfg.model_path, dtype=cfg.model_dtype, max_length=cfg.max_length)
     model.load_state_dict(load_checkpoint(run / CHECKPOINT)["model"], strict=False)
     return model.to(device)
 
@@ -234,6 +257,8 @@ def load_trained(run_dir, device: str = "cpu") -> torch.nn.Module:
 def train(cfg: TrainConfig, echo=print) -> dict:
     """Run (or resume) training; returns the first and last logged metrics and the final step."""
     cfg.check()
+    if rank_world()[1] > 1:
+        raise UserError("train runs in one process; start it without torchrun (WORLD_SIZE is set above 1)")
     out = Path(cfg.output)
     ckpt_path = out / CHECKPOINT
     state = None
@@ -242,9 +267,13 @@ def train(cfg: TrainConfig, echo=print) -> dict:
             raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --output")
         state = load_checkpoint(ckpt_path)
         saved = state["config"]
-        changed = [k for k in FIXED_ON_RESUME if saved.get(k) != getattr(cfg, k)]
+        defaults = {f.name: f.default for f in fields(TrainConfig)}  # settings older runs did not have
+        changed = [k for k in FIXED_ON_RESUME if saved.get(k, defaults[k]) != getattr(cfg, k)]
         if changed:
             raise UserError(f"cannot resume {out} with different {', '.join(changed)}; use the saved values or a new --output")
+        if state.get("batch_order") != BATCH_ORDER and saved.get("num_workers", 0) > 0:
+            raise UserError(f"{out} was saved by an older version with --num-workers {saved['num_workers']}, whose batch "
+                            "order cannot be found again; use a new --output")
         cfg.partial_units = saved.get("partial_units")  # a partial run goes on with the units it started with
     shards = training_shards(cfg, echo)
     out.mkdir(parents=True, exist_ok=True)
@@ -252,7 +281,8 @@ def train(cfg: TrainConfig, echo=print) -> dict:
 
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    model = build_adapter(cfg.model, cfg.model_path, dtype=cfg.model_dtype, gradient_checkpointing=cfg.gradient_checkpointing).to(device)
+    model = build_adapter(cfg.model, cfg.model_path, dtype=cfg.model_dtype, gradient_checkpointing=cfg.gradient_checkpointing,
+                          max_length=cfg.max_length).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup, cfg.steps))
@@ -271,7 +301,7 @@ def train(cfg: TrainConfig, echo=print) -> dict:
         echo(f"no checkpoint in {out}; starting a new run")
 
     dataset = ShardDataset(shards, image_size=getattr(model, "image_size", None), shuffle_shards=True, seed=cfg.seed,
-                           storage_options=cfg.storage_options)
+                           text_only=cfg.text_only_rows, storage_options=cfg.storage_options)
     stream = BatchStream(dataset, cfg, epoch, offset)
     batches = iter(stream)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -281,32 +311,34 @@ def train(cfg: TrainConfig, echo=print) -> dict:
             {
                 "model": trainable_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "step": step, "epoch": stream.epoch, "offset": stream.offset, "rng": torch.get_rng_state(), "config": saved_config(cfg),
+                "batch_order": BATCH_ORDER,
             },
             ckpt_path,
         )
 
-    sums, count, norms, first, last = defaultdict(float), 0, [], None, None
+    sums, norms, first, last = MetricSums(), [], None, None
     started, samples = time.time(), 0
     model.train()
     with open(out / LOG, "a") as log:
         while step < cfg.steps:
             for _ in range(cfg.grad_accum):
                 batch = next(batches)
-                prompts, answers = texts(batch)
+                turns, has_image = turns_of(batch), batch["has_image"]
                 margin = batch["margin"] if cfg.margin_from == "lam_hat" else 1.0 - batch["lam"]
                 with autocast:
-                    w_logits, w_labels = model(batch["winner"].to(device), prompts, answers)
-                    with nullcontext() if cfg.two_sided else torch.no_grad():
-                        l_logits, l_labels = model(batch["loser"].to(device), prompts, answers)
+                    w_logits, w_labels = model(batch["winner"].to(device), turns, has_image)
+                    if has_image.any():
+                        with nullcontext() if cfg.two_sided else torch.no_grad():
+                            l_logits, l_labels = model(batch["loser"].to(device), turns, has_image)
+                    else:  # text-only batch: no pair to score, SFT only
+                        l_logits, l_labels = w_logits.detach(), w_labels
                 result = mergemix_loss(
-                    w_logits, w_labels, l_logits, l_labels, margin.to(device),
+                    w_logits, w_labels, l_logits, l_labels, margin.to(device), has_image=has_image,
                     beta=cfg.beta, sft_weight=cfg.sft_weight, pref_weight=cfg.pref_weight, two_sided=cfg.two_sided,
                 )
                 (result.loss / cfg.grad_accum).backward()
-                for name, value in result.metrics.items():
-                    sums[name] += value
-                count += 1
-                samples += len(answers)
+                sums.add(result.metrics)
+                samples += len(turns)
             if cfg.max_grad_norm > 0:
                 norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
             optimizer.step()
@@ -315,7 +347,7 @@ def train(cfg: TrainConfig, echo=print) -> dict:
             step += 1
             if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
                 record = {"step": step, "epoch": stream.epoch, "lr": scheduler.get_last_lr()[0]}
-                record.update({k: v / count for k, v in sums.items()})
+                record.update(sums.result())
                 if norms:
                     record["grad_norm"] = sum(norms) / len(norms)
                 record["samples_per_s"] = samples / max(time.time() - started, 1e-9)
@@ -324,7 +356,7 @@ def train(cfg: TrainConfig, echo=print) -> dict:
                 echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
                 first = first or record
                 last = record
-                sums, count, norms, started, samples = defaultdict(float), 0, [], time.time(), 0
+                sums, norms, started, samples = MetricSums(), [], time.time(), 0
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 save()
     if state is None or step > state["step"]:

@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from schemas.shard import SCHEMA_VERSION
+from schemas.shard import SCHEMA_VERSION, empty_row
 from stages.errors import UserError
-from stages.loader import NORMALIZE, ShardDataset, collate_pairs
+from stages.loader import NORMALIZE, ShardBatches, ShardDataset, collate_pairs, collated, sample_turns
+from stages.writer import write_unit
 from tests.shard_fixtures import GRID, H, W, make_output, unit_rows
 
 
@@ -235,3 +236,93 @@ def test_huggingface_datasets_webdataset_loader(out_webp, tmp_path):
     np.testing.assert_array_equal(_decode(first["loser.webp"]), pairs[first["__key__"]].loser)
     assert first["json"]["lam"] == rows[first["__key__"]]["lam"]
     assert first["json"]["prompt"] == rows[first["__key__"]]["prompt"]
+
+
+def text_only_output(out):
+    """Two units of 6 inputs: 0 and 5 text-only (skipped: no_image), 2 failed, 4 skipped by a
+    filter (not text-only: it had an image), the rest ok."""
+    for unit in (0, 1):
+        rows, images = unit_rows(unit, 6, failed=(2,), skipped=(4,))
+        for i in (0, 5):
+            conv = [{"from": "human", "value": f"Tell me {i}."}, {"from": "gpt", "value": "First."},
+                    {"from": "human", "value": "And then?"}, {"from": "gpt", "value": "Second."}]
+            rows[i] = empty_row(key=rows[i]["key"], source_id=f"text/{unit}/{i}", unit=unit, index=i, status="skipped",
+                                error="no_image: text-only sample", prompt=f"Tell me {i}.", answer="First.",
+                                conversations=json.dumps(conv))
+            images.pop(rows[i]["key"])
+        write_unit(out, unit, rows, images, image_format="png", fingerprint="fp-test")
+    return out
+
+
+def test_text_only_rows_join_in_input_order_with_every_turn(tmp_path):
+    out = text_only_output(tmp_path)
+    plain = [s["key"] for s in ShardDataset(out)]
+    assert plain == [f"00000{u}_00000{i}" for u in (0, 1) for i in (1, 3)]
+    samples = list(ShardDataset(out, text_only=True, include_mask=True))
+    assert [s["key"] for s in samples] == [f"00000{u}_00000{i}" for u in (0, 1) for i in (0, 1, 3, 5)]
+    text = [s for s in samples if not s["has_image"]]
+    assert [s["key"][-1] for s in text] == ["0", "5", "0", "5"]
+    assert all(s["winner"] is None and s["loser"] is None and s["mask"] is None and s["margin"] == 0.0 for s in text)
+    assert text[1]["turns"] == [("Tell me 5.", "First."), ("And then?", "Second.")]
+    assert samples[1]["turns"] == [("What is in picture 1?", "Thing 1.")]  # "<image>\n" left to the adapter
+    batch = collate_pairs(samples[:3])
+    assert batch["has_image"].tolist() == [False, True, True]
+    assert batch["winner"].shape == (3, 3, H, W) and batch["winner"][0].abs().sum() == 0
+    assert batch["mask"].shape == (3, 1, *GRID)
+    alone = collate_pairs(samples[:1])  # a batch of text only: placeholder images, never looked at
+    assert alone["winner"].shape[:2] == (1, 3) and not alone["has_image"].any()
+
+
+def test_sample_turns_follows_llava_conversations():
+    conv = [{"from": "gpt", "value": "dropped, as LLaVA drops a leading answer"},
+            {"from": "human", "value": "Look.\n<image>"}, {"from": "human", "value": "What is it?"},
+            {"from": "gpt", "value": "A cat."}, {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Grey."},
+            {"from": "human", "value": "unanswered"}]
+    assert sample_turns(conv, None, None, None) == [("Look.\nWhat is it?", "A cat."), ("Colour?", "Grey.")]
+    assert sample_turns(None, "Q", "A", "3") == [("Q", "A")]
+    assert sample_turns(None, None, None, "3") == [("What is in the image?", "3")]
+    assert sample_turns(None, "Q", None, None) == []
+
+
+def _batches(ds, batch_size, workers, start=0):
+    loader = torch.utils.data.DataLoader(ShardBatches(ds, batch_size, start=start), batch_size=None,
+                                         num_workers=workers, collate_fn=collated)
+    return [(b["batch_index"], b["key"]) for b in loader]
+
+
+def test_batches_do_not_depend_on_workers_or_ranks(out_png, monkeypatch):
+    ds = ShardDataset(out_png, shuffle_shards=True, seed=5)
+    ds.set_epoch(1)
+    stream = [k for ref in ds.epoch_shards() for k, _ in ds.entries(ref)]
+    one = _batches(ds, 5, workers=0)
+    assert [k for _, keys in one for k in keys] == stream and [i for i, _ in one] == [0, 1, 2]
+    assert _batches(ds, 5, workers=2) == one  # 3 batches over 2 workers: uneven on purpose
+    assert _batches(ds, 5, workers=2, start=1) == one[1:]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ranks = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        ranks.append(_batches(ds, 2, workers=2))
+    assert [b for b, _ in ranks[0]] == [0, 2, 4] and [b for b, _ in ranks[1]] == [1, 3, 5]
+    assert sorted(ranks[0] + ranks[1]) == sorted(_batches_single(ds, 2, monkeypatch))
+
+
+def _batches_single(ds, batch_size, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    return _batches(ds, batch_size, workers=0)
+
+
+def test_batches_before_the_start_are_not_decoded(tmp_path):
+    """A damaged image in batch 0 fails a read from batch 0 and not one that starts at batch 1."""
+    out = make_output(tmp_path, units=(0,), run_files=False)
+    tar_path = out / "shards" / "000000.tar"
+    with tarfile.open(tar_path) as tar:
+        member = tar.getmember("000000_000000.winner.png")
+    with open(tar_path, "r+b") as f:
+        f.seek(member.offset_data)
+        f.write(b"\0" * member.size)
+    ds = ShardDataset(out)
+    assert [keys for _, keys in _batches(ds, 2, workers=0, start=1)] == [["000000_000003", "000000_000005"]]
+    with pytest.raises(UserError, match="does not decode"):
+        _batches(ds, 2, workers=0)

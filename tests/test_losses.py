@@ -170,3 +170,23 @@ def test_mixed_simpo_matches_trl_simpo_per_sample(beta):
         assert losses[i].item() == pytest.approx(trl_loss.item(), abs=1e-6)
         assert chosen[i].item() == pytest.approx(trl_chosen.item(), abs=1e-6)
         assert rejected[i].item() == pytest.approx(trl_rejected.item(), abs=1e-6)
+
+
+def test_rows_without_an_answer_token_leave_simpo_and_are_counted():
+    """A row whose answer was cut off has no score (0/0): it must not count as a pair with
+    s = 0, and neither its loss nor its gradient may be NaN."""
+    winner, loser, labels = pair_batch()
+    labels = labels.clone()
+    labels[1] = IGNORE_INDEX  # row 1: no answer token left
+    winner.requires_grad_(True)
+    margin = torch.tensor([0.2, float("nan"), 0.4, 0.1])  # the margin of a row left out may be anything
+    has_image = torch.tensor([True, True, True, False])
+    out = mergemix_loss(winner, labels, loser, labels, margin, has_image=has_image)
+    w, l = sequence_logps(winner, labels).mean, sequence_logps(loser, labels).mean
+    margin[1] = margin[3] = 0.0
+    keep = torch.tensor([True, False, True, False])
+    simpo = (-F.logsigmoid((w - l) - margin))[keep].mean()
+    assert out.metrics["simpo"] == pytest.approx(simpo.item(), abs=1e-6)
+    assert (out.metrics["counts/pairs"], out.metrics["counts/no_answer"], out.metrics["counts/sft_only"]) == (2, 1, 1)
+    out.loss.backward()
+    assert torch.isfinite(winner.grad).all() and torch.isfinite(out.loss)

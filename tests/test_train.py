@@ -80,13 +80,31 @@ def read_log(run: Path) -> list[dict]:
 
 def test_toy_labels_cover_answer_bytes_only():
     model = ToyVLM()
-    logits, labels = model(torch.rand(2, 3, 40, 40), ["Q?", "Which?"], ["red", "blue!"])
+    logits, labels = model(torch.rand(2, 3, 40, 40), [[("Q?", "red")], [("Which?", "blue!")]])
     assert logits.shape[:2] == labels.shape and logits.shape[-1] == 259
     n_image = 16  # 32 px / patch 8 -> 4 x 4 tokens, images resized to the tower's size
     for row, answer in zip(labels, ["red", "blue!"]):
         picked = row[row != -100].tolist()
         assert picked == list(answer.encode()) + [model.tokenizer.EOS]
         assert (row[:n_image] == -100).all()
+
+
+def test_toy_labels_every_turn_on_one_sequence_and_text_only_rows_have_no_image():
+    """The toy follows the llava-hf rule: one sequence per conversation, every answer and its
+    EOS labelled; a text-only row has no image tokens; max_length cuts winner and loser alike."""
+    model = ToyVLM()
+    tok = model.tokenizer
+    turns = [("What colour?", "red"), ("Sure?", "yes, red")]
+    images = torch.rand(2, 3, 32, 32)
+    _, labels = model(images, [turns, turns], torch.tensor([True, False]))
+    first, second = b"USER: What colour? ASSISTANT: ", b"USER: Sure? ASSISTANT: "
+    expected = [-100] * (1 + len(first)) + [*b"red", tok.EOS] + [-100] * len(second) + [*b"yes, red", tok.EOS]
+    assert labels[0].tolist() == [-100] * 16 + expected  # 16 image tokens first
+    assert labels[1].tolist() == expected + [-100] * 16  # no image tokens; right padding
+    short = ToyVLM(max_length=16 + 40)
+    _, w = short(images[:1], [turns])
+    _, l = short(torch.rand(1, 3, 32, 32), [turns])
+    assert w.shape[1] == 56 and torch.equal(w, l) and [i for i in w[0].tolist() if i != -100] == [*b"red", tok.EOS]
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
@@ -156,6 +174,21 @@ def test_resume_continues_exactly(shards, tmp_path):
     assert [r["loss"] for r in log_split] == pytest.approx([r["loss"] for r in log_once], abs=1e-5)
 
 
+def test_resume_refuses_an_old_checkpoint_whose_batch_order_depended_on_workers(shards, tmp_path):
+    common = dict(shards=str(shards), output=str(tmp_path / "run"), steps=2, batch_size=8, warmup=1, log_every=1)
+    train(TrainConfig(**common), echo=lambda line: None)
+    state = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
+    del state["batch_order"]  # as an older version wrote it, with 2 loader workers
+    state["config"]["num_workers"] = 2
+    del state["config"]["text_only_rows"]  # a setting older runs did not have: its default
+    torch.save(state, tmp_path / "run" / CHECKPOINT)
+    with pytest.raises(UserError, match="older version with --num-workers 2"):
+        train(TrainConfig(resume=True, **{**common, "steps": 3}), echo=lambda line: None)
+    state["config"]["num_workers"] = 0  # with none, its batches were ShardBatches' batches
+    torch.save(state, tmp_path / "run" / CHECKPOINT)
+    assert train(TrainConfig(resume=True, **{**common, "steps": 3}), echo=lambda line: None)["step"] == 3
+
+
 def test_two_sided_moves_the_loser_too(shards, tmp_path):
     """With gradients through the loser, the rejected reward falls faster than with stop-gradient."""
     common = dict(shards=str(shards), steps=20, batch_size=8, lr=1e-3, warmup=5, log_every=20, sft_weight=0.0, pref_weight=1.0)
@@ -177,7 +210,7 @@ def test_cli_train_and_resume(shards, tmp_path):
     run = tmp_path / "cli-run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "pipeline.cli", "train", str(shards), "--model", "toy", "--batch-size", "8", "--grad-accum", "2",
-            "--lr", "1e-3", "--warmup", "2", "--log-every", "2", "--output", str(run)]
+            "--lr", "1e-3", "--warmup", "2", "--log-every", "2", "--text-only-rows", "--max-length", "0", "--output", str(run)]
     first = subprocess.run(base + ["--steps", "4"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert first.returncode == 0, first.stderr
     assert "rewards/accuracies" in first.stdout
