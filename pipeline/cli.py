@@ -174,12 +174,19 @@ def _storage_options(text: str | None) -> dict | None:
 @user_errors
 def inspect_cmd(
     out: str = typer.Argument(..., help=OUT_HELP),
+    plot: str = typer.Option(None, "--plot", help="also draw FILE.png: lam / lam_hat / margin histograms, "
+                             "failures by reason, kept area against lam, mean saliency map (needs matplotlib)"),
     storage_options: str = typer.Option(None, "--storage-options", help=STORAGE_HELP),
 ):
     """Counts per status and failure reason, lam / lam_hat / margin histograms, methods, model, config."""
     from stages.report import inspect_output
 
-    typer.echo(inspect_output(out, _storage_options(storage_options)))
+    options = _storage_options(storage_options)
+    typer.echo(inspect_output(out, options))
+    if plot:
+        from stages.plot import plot_output
+
+        typer.echo(f"wrote {plot_output(out, plot, options)}")
 
 
 # --- validate ------------------------------------------------------------------------------
