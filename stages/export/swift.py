@@ -64,8 +64,8 @@ swift rlhf --rlhf_type simpo --model llava-hf/llava-1.5-7b-hf \\
 What is lost. ms-swift's SimPO has one global margin `--simpo_gamma` for every pair; MergeMix
 gives each pair its own, `margin = 1 - lam_hat` (a less-mixed loser is harder to tell apart, so
 its margin is smaller). The command uses the mean margin of this export as the global gamma
-({margins.line()}). ms-swift passes the `margin` column through to its reward-model trainer
-only; its SimPO does not read it. `cpo_alpha 1` weighs SFT and SimPO 1:1, MergeMix's
+({margins.line()}). ms-swift reads a `margin` column (its reward-model trainer uses it); its
+SimPO ignores it. `cpo_alpha 1` weighs SFT and SimPO 1:1, MergeMix's
 `(L_sft + L_pref) / 2` up to a factor of 2 on the learning rate. For the per-pair margin,
 train with `mergemix-pipeline train` or the transformers Trainer of `stages.hf_trainer`.
 """
