@@ -101,7 +101,8 @@ def test_hf_export_loads_with_datasets_and_feeds_trls_collator(out, tmp_path):
     on_disk = datasets.load_from_disk(str(dest))
     parquet = datasets.load_dataset("parquet", data_files=str(dest / "data" / "*.parquet"), split="train",
                                     cache_dir=str(tmp_path / "cache"))
-    assert len(glob.glob(str(dest / "data" / "*.parquet"))) == 3
+    files = sorted(glob.glob(str(dest / "data" / "*.parquet")))
+    assert [{k[:6] for k in pq.read_table(f, columns=["key"])["key"].to_pylist()} for f in files] == [{"000000"}, {"000001"}, {"000002"}]
     for ds in (on_disk, parquet):
         assert ds.num_rows == len(rows) and ds["key"] == [r["key"] for r in rows]
         assert ds["margin"] == [r["margin"] for r in rows] and ds["lam_hat"] == [r["lam_hat"] for r in rows]
@@ -132,6 +133,16 @@ def test_hf_export_loads_with_datasets_and_feeds_trls_collator(out, tmp_path):
     assert batch["pixel_values"].shape[0] == 4  # chosen and rejected of two pairs: TRL repeats `images`
     assert ((batch["input_ids"] == image_id).sum(1) == IMAGE_TOKENS).all()
     assert batch["completion_mask"].sum() > 0
+
+
+def test_hf_parquet_files_follow_the_units(tmp_path):
+    for unit, n in ((0, 2), (1, 5)):
+        rows, images = unit_rows(unit, n)
+        write_unit(tmp_path / "out", unit, rows, images, image_format="png", fingerprint="fp")
+    write_run_files(tmp_path / "out", {"fingerprint": "fp", "units_planned": 2})
+    export(tmp_path / "out", tmp_path / "hf", "hf", progress=False)
+    files = sorted(glob.glob(str(tmp_path / "hf" / "data" / "*.parquet")))
+    assert [pq.read_metadata(f).num_rows for f in files] == [2, 5]
 
 
 def test_conversation_shapes_for_multi_turn_text_and_labels():

@@ -59,7 +59,10 @@ def trl_messages(record: dict) -> tuple[list[dict], list[dict]]:
 
 def hf_row(pair) -> dict:
     prompt, answer = trl_messages(pair.record)
-    image = lambda part, data: {"bytes": data, "path": pair.member(part)}  # noqa: E731
+
+    def image(part: str, data: bytes) -> dict:  # an Image feature given bytes stores them as they are
+        return {"bytes": data, "path": pair.member(part)}
+
     return {
         "key": pair.key,
         "images": [image("winner", pair.winner)],
@@ -111,10 +114,12 @@ def write(pairs: Pairs, dest: Path, source: str) -> dict:
                     raise exc.__cause__ from None
                 raise
             ds.save_to_disk(str(dest))
-            shards = max(1, sum(1 for st in pairs.units.values() if st["tar"]["nsamples"]))
+            counts = [st["tar"]["nsamples"] for st in pairs.units.values() if st["tar"]["nsamples"]]
+            shards, start = len(counts), 0
             (dest / DATA_DIR).mkdir()
-            for i in range(shards):
-                ds.shard(shards, i, contiguous=True).to_parquet(str(dest / DATA_DIR / f"train-{i:05d}-of-{shards:05d}.parquet"))
+            for i, n in enumerate(counts):  # the rows are in unit order: unit i's rows are one contiguous range
+                ds.select(range(start, start + n)).to_parquet(str(dest / DATA_DIR / f"train-{i:05d}-of-{shards:05d}.parquet"))
+                start += n
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     (dest / "README.md").write_text(readme(source, len(ds), margins, shards))
