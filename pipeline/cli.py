@@ -174,12 +174,19 @@ def _storage_options(text: str | None) -> dict | None:
 @user_errors
 def inspect_cmd(
     out: str = typer.Argument(..., help=OUT_HELP),
+    plot: str = typer.Option(None, "--plot", help="also draw FILE.png: lam / lam_hat / margin histograms, "
+                             "failures by reason, kept area against lam, mean saliency map (needs matplotlib)"),
     storage_options: str = typer.Option(None, "--storage-options", help=STORAGE_HELP),
 ):
     """Counts per status and failure reason, lam / lam_hat / margin histograms, methods, model, config."""
     from stages.report import inspect_output
 
-    typer.echo(inspect_output(out, _storage_options(storage_options)))
+    options = _storage_options(storage_options)
+    typer.echo(inspect_output(out, options))
+    if plot:
+        from stages.plot import plot_output
+
+        typer.echo(f"wrote {plot_output(out, plot, options)}")
 
 
 # --- validate ------------------------------------------------------------------------------
@@ -222,6 +229,28 @@ def preview_cmd(
 
     path = make_contact_sheet(out, n, Path(output), _storage_options(storage_options))
     typer.echo(f"wrote {path}")
+
+
+# --- export --------------------------------------------------------------------------------
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    out: str = typer.Argument(..., help=OUT_HELP),
+    dest: str = typer.Argument(..., help="new (or empty) local folder to write the export to"),
+    to: str = typer.Option(..., "--to", help="swift (ms-swift JSONL) | hf (datasets: save_to_disk + Parquet) | llava (LLaVA JSON)"),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="export the units committed now of an unfinished output"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="show the progress bar"),
+    storage_options: str = typer.Option(None, "--storage-options", help=STORAGE_HELP),
+):
+    """Write the pairs in the layout of another trainer: ms-swift, Hugging Face datasets / TRL, LLaVA."""
+    from stages.export import export
+
+    result = export(out, dest, to, storage_options=_storage_options(storage_options), allow_partial=allow_partial,
+                    progress=progress, echo=lambda line: typer.echo(line, err=True))
+    typer.echo(f"exported {result.pairs} pairs of {result.units} units to {result.dest} ({result.to}); "
+               f"how to train on them: {result.dest / 'README.md'}")
 
 
 # --- train ---------------------------------------------------------------------------------

@@ -236,7 +236,9 @@ def _check_writable(store) -> None:
 
 def _run_files(store, info: dict) -> None:
     try:
-        write_run_files(store, info)
+        notice = write_run_files(store, info)
     except OSError as exc:
         raise UserError(f"all units done, but {store.url}/run.json could not be written: {exc.strerror or exc}; "
                         "free space, then rerun the same command to write it") from None
+    if notice:
+        print(f"notice: {notice}", file=sys.stderr)

@@ -3,6 +3,8 @@
     OUT/run.json                      effective config, fingerprint, versions, totals
     OUT/index.json                    wids-shard-index-v1 over the committed tars
     OUT/.mergemix-lease.json          held by the one `generate` run writing OUT (heartbeat)
+    OUT/README.md                     dataset card (`datasets.load_dataset(OUT)`), only while it carries
+                                      CARD_MARKER: a README.md without it is somebody else's
     OUT/shards/NNNNNN.tar             unit NNNNNN: webdataset tar
     OUT/shards/NNNNNN.parquet         unit NNNNNN: one row per input
     OUT/shards/NNNNNN_stats.json      unit NNNNNN: counts, sizes, fingerprint; written last (the commit)
@@ -20,6 +22,10 @@ SHARDS_DIR = "shards"
 RUN_FILE = "run.json"
 INDEX_FILE = "index.json"
 LEASE_FILE = ".mergemix-lease.json"
+CARD_FILE = "README.md"
+# The line that makes OUT/README.md ours: generate rewrites a card that carries it and leaves any
+# other README.md alone (a user who deletes the line keeps their edits).
+CARD_MARKER = "<!-- mergemix-pipeline dataset card"
 STATS_SUFFIX = "_stats.json"
 TMP_SUFFIX = ".tmp"
 UNIT_EXTS = (".tar", ".parquet")
@@ -27,7 +33,7 @@ PRODUCER = "mergemix-pipeline"  # written into run.json and index.json: how we r
 
 _UNIT_FILE = re.compile(r"^([0-9]{6})(\.tar|\.parquet|_stats\.json)$")
 _TMP_FILE = re.compile(r"^\.([0-9]{6})(\.tar|\.parquet|_stats\.json)\.[0-9a-f]{12}\.tmp$")
-_ROOT_TMP_FILE = re.compile(r"^\.(run\.json|index\.json|\.mergemix-lease\.json)\.[0-9a-f]{12}\.tmp$")
+_ROOT_TMP_FILE = re.compile(r"^\.(run\.json|index\.json|\.mergemix-lease\.json|README\.md)\.[0-9a-f]{12}\.tmp$")
 
 
 def shard_name(unit_id: int) -> str:
@@ -67,7 +73,7 @@ def parse_tmp_file(name: str) -> int | None:
 
 
 def is_root_tmp_file(name: str) -> bool:
-    """One of our temporary names for run.json, index.json or the lease, in OUT itself."""
+    """One of our temporary names for run.json, index.json, the lease or the card, in OUT itself."""
     return bool(_ROOT_TMP_FILE.match(name))
 
 
@@ -80,3 +86,8 @@ def is_ours(run_or_index: object) -> bool:
         return True
     has_version = "schema_version" in run_or_index
     return has_version and ("fingerprint" in run_or_index or run_or_index.get("__kind__") == "wids-shard-index-v1")
+
+
+def is_our_card(data: bytes) -> bool:
+    """Whether the bytes of an OUT/README.md are a dataset card we wrote (it carries CARD_MARKER)."""
+    return CARD_MARKER.encode() in data

@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 
 from schemas.layout import (
+    CARD_FILE,
     INDEX_FILE,
     RUN_FILE,
     SHARDS_DIR,
     STATS_SUFFIX,
+    is_our_card,
     is_ours,
     is_root_tmp_file,
     parse_tmp_file,
@@ -75,13 +77,26 @@ def remove_leftovers(store, units: range | None = None) -> list[str]:
 
 
 def remove_output(store, units: range | None = None) -> None:
-    """--overwrite: delete our run files, every committed unit and our leftovers; nothing else."""
+    """--overwrite: delete our run files, our card, every committed unit and our leftovers; nothing else."""
     for unit in committed_units(store):
         for name in reversed(unit_files(unit)):  # stats first: a crash midway leaves leftovers, not a broken unit
             store.delete(shard(name))
     remove_leftovers(store, units)
     for name in (RUN_FILE, INDEX_FILE):
         store.delete(name)
+    if card_owner(store) == "ours":
+        store.delete(CARD_FILE)
+
+
+def card_owner(store) -> str:
+    """Who OUT/README.md belongs to: 'absent', 'ours' (it carries our marker) or 'foreign'."""
+    try:
+        data = store.read_bytes(CARD_FILE)
+    except FileNotFoundError:
+        return "absent"
+    except OSError:  # a folder of that name, unreadable: not ours to touch
+        return "foreign"
+    return "ours" if is_our_card(data) else "foreign"
 
 
 def read_run_file(store, name: str = RUN_FILE) -> dict | None:

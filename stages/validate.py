@@ -10,10 +10,11 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
-from schemas.layout import INDEX_FILE, RUN_FILE, SHARDS_DIR, STATS_SUFFIX, parse_tmp_file, parse_unit_file
+from schemas.layout import CARD_FILE, INDEX_FILE, RUN_FILE, SHARDS_DIR, STATS_SUFFIX, parse_tmp_file, parse_unit_file
 from schemas.shard import FIELDS, PARTS, SCHEMA_VERSION, mask_problem, part_ext, sample_key, shard_name, validate_row
 from stages.errors import UserError
-from stages.outdir import read_stats
+from stages.card import card_tars
+from stages.outdir import card_owner, read_stats
 from stages.shardread import ShardRef, decode_image, iter_tar_samples, output_store, read_parquet
 
 
@@ -201,12 +202,26 @@ def _check_run_files(store, units: dict[int, dict]) -> list[str]:
             if st.get("fingerprint") != run.get("fingerprint"):
                 problems.append(f"shards/{shard_name(unit)}{STATS_SUFFIX}: fingerprint {st.get('fingerprint')!r} != "
                                 f"run.json fingerprint {run.get('fingerprint')!r} (a unit of another run)")
+    problems += _check_card(store, units)
     totals = run.get("totals", {}) if isinstance(run, dict) else {}
     for status in ("ok", "failed", "skipped"):
         got = sum(int(st.get("counts", {}).get(status, 0)) for st in units.values())
         if totals.get(status) != got:
             problems.append(f"run.json: totals.{status} is {totals.get(status)!r}, committed units hold {got}")
     return problems
+
+
+def _check_card(store, units: dict[int, dict]) -> list[str]:
+    """Our dataset card must list exactly the committed tars that hold pairs (a README.md that
+    is not ours is not checked)."""
+    if card_owner(store) != "ours":
+        return []
+    listed = card_tars(store.read_bytes(CARD_FILE))
+    if listed is None:
+        return [f"{CARD_FILE}: its configs list no shards; rerun `generate` to rewrite it"]
+    want = [f"{SHARDS_DIR}/{st['tar']['file']}" for st in units.values() if st["tar"]["nsamples"]]
+    problems = [f"{CARD_FILE}: committed {name} is not listed" for name in want if name not in listed]
+    return problems + [f"{CARD_FILE}: lists {name}, which is not a committed unit with pairs" for name in listed if name not in want]
 
 
 def validate_output(out_dir, storage_options: dict | None = None) -> list[str]:

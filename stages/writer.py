@@ -31,6 +31,7 @@ from schemas.shard import (
     member_name,
     table_from_rows,
 )
+from stages.card import write_card
 from stages.compose import PairImages
 from stages.outdir import committed_units
 from stages.storage import open_store
@@ -254,9 +255,11 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def write_run_files(out_dir, run_info: dict) -> None:
-    """Write OUT/run.json (run_info + versions + totals over committed units) and
-    OUT/index.json (wids-shard-index-v1 with relative urls, so the directory can move)."""
+def write_run_files(out_dir, run_info: dict) -> str | None:
+    """Write OUT/run.json (run_info + versions + totals over committed units), OUT/index.json
+    (wids-shard-index-v1 with relative urls, so the directory can move) and the dataset card
+    OUT/README.md (stages.card). Returns a notice when the card was skipped (a README.md of
+    somebody else's is there), else None."""
     store = open_store(out_dir)
     units = committed_units(store)
     totals = {"units": len(units), "total": 0, **{s: 0 for s in STATUSES}}
@@ -299,4 +302,5 @@ def write_run_files(out_dir, run_info: dict) -> None:
         ],
     }
     store.write_bytes(INDEX_FILE, _json_bytes(index))
+    return write_card(store, units, run)
 

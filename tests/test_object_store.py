@@ -110,6 +110,7 @@ def test_bucket_in_bucket_out_equals_disk(tiny_model_config, bucket_input, s3_se
     run = json.loads(store.read_bytes("run.json"))
     assert "storage_options" not in run["config"] and s3_server.storage_options["secret"] not in store.read_bytes("run.json").decode()
     assert not store.exists(".mergemix-lease.json")  # released
+    assert store.read_bytes("README.md") == (local_reference / "README.md").read_bytes()  # the dataset card
 
     # Every reader takes the URL.
     opts = s3_server.storage_options
@@ -140,7 +141,8 @@ def test_ownership_and_the_lease_on_the_bucket(tiny_model_config, bucket_input, 
     opts = s3_server.storage_options
     out = f"s3://{s3_prefix}/out"
     store = open_store(out, opts)
-    foreign = {"shards/999999.tar": b"theirs", "shards/notes.parquet": b"theirs too", "notes.txt": b"keep"}
+    foreign = {"shards/999999.tar": b"theirs", "shards/notes.parquet": b"theirs too", "notes.txt": b"keep",
+               "README.md": b"their readme"}
     for name, data in foreign.items():
         store.write_bytes(name, data)
     cfg = dict(flags(tiny_model_config, f"{bucket_input}/llava.json", out, storage_options=opts))

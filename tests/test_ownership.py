@@ -51,6 +51,7 @@ FOREIGN = {
     "shards/.hidden": b"x",
     "shards/sub/000000.tar": b"in a subfolder",
     "notes.txt": b"keep me",
+    "README.md": b"# my notes, not a dataset card",
     "other/000000_stats.json": b"{}",
 }
 
@@ -66,12 +67,13 @@ def assert_planted(out: Path) -> None:
         assert (out / name).read_bytes() == data, name
 
 
-def test_foreign_files_survive_run_resume_and_overwrite(tiny_model_config, demo, tmp_path):
+def test_foreign_files_survive_run_resume_and_overwrite(tiny_model_config, demo, tmp_path, capsys):
     out = tmp_path / "out"
     plant(out)
     first = generate(cfg(tiny_model_config, demo, out))
     assert first.ok and first.units_written == 3
     assert_planted(out)
+    assert "README.md is not a card of ours: left as it is, no dataset card written" in capsys.readouterr().err
     assert validate_output(out) == []  # foreign names are not problems of ours
     (out / "shards" / "000001_stats.json").unlink()  # an interrupted unit: its files are leftovers
     again = generate(cfg(tiny_model_config, demo, out))
