@@ -48,13 +48,14 @@ OUT_HELP = "output of `generate`: a directory or an object-store URL (s3://bucke
 STORAGE_HELP = "JSON object of fsspec options for URLs (endpoint, credentials); never written anywhere"
 
 
-def _default(name: str) -> str:
-    """A GenerateConfig default as --help shows it: the defaults live in the dataclass only."""
+def _default(name: str, config=None) -> str:
+    """A config default as --help shows it: the defaults live in the dataclass only
+    (GenerateConfig unless `config` is given)."""
     from dataclasses import fields
 
     from pipeline.config import GenerateConfig
 
-    value = next(f.default for f in fields(GenerateConfig) if f.name == name)
+    value = next(f.default for f in fields(config or GenerateConfig) if f.name == name)
     return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
 
 
@@ -256,49 +257,55 @@ def export_cmd(
 # --- train ---------------------------------------------------------------------------------
 
 
+def _train_opt(name: str, help: str, *decls: str):
+    """A train flag: None unless given, its help ending with TrainConfig's default."""
+    from stages.training.config import TrainConfig
+
+    return _opt(name, help, *decls, default=_default(name, TrainConfig))
+
+
 @app.command("train")
 @user_errors
 def train_cmd(
     shards: str = typer.Argument(..., help="output directory of `generate` (or its shards/ folder, or a .tar)"),
     output: str = typer.Option(..., "--output", "-o", help="run folder: log.jsonl, checkpoint.pt, train_config.json"),
-    model: str = typer.Option("toy", help="model adapter: toy | llava-hf"),
-    model_path: str = typer.Option(None, "--model-path", help="llava-hf: model folder or hub id; toy: open_clip config JSON"),
-    model_dtype: str = typer.Option("fp32", "--model-dtype", help="llava-hf weight dtype: fp32 | bf16"),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="llava-hf: trade compute for memory"),
-    steps: int = typer.Option(100, help="optimizer steps in total (a resumed run continues up to this)"),
-    batch_size: int = typer.Option(8, "--batch-size", help="pairs per micro-batch"),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="micro-batches per optimizer step"),
-    lr: float = typer.Option(1e-4, help="peak learning rate (AdamW)"),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    warmup: int = typer.Option(10, help="linear warm-up steps before the cosine decay"),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="gradient clipping; 0 = off"),
-    log_every: int = typer.Option(10, "--log-every", help="steps between log lines"),
-    save_every: int = typer.Option(0, "--save-every", help="steps between checkpoints; 0 = at the end only"),
-    beta: float = typer.Option(1.0, help="SimPO beta"),
-    sft_weight: float = typer.Option(0.5, "--sft-weight", help="weight of the SFT loss"),
-    pref_weight: float = typer.Option(0.5, "--pref-weight", help="weight of the mixed SimPO loss"),
-    two_sided: bool = typer.Option(False, "--two-sided", help="gradients through the loser too (default: stop-gradient)"),
-    margin_from: str = typer.Option("lam_hat", "--margin-from", help="SimPO margin 1 - lam_hat (stored) or 1 - lam"),
-    seed: int = typer.Option(0),
-    max_length: int = typer.Option(2048, "--max-length", help="tokens kept per sequence, image tokens included (LLaVA-1.5: 2048); 0 = no cut"),
-    text_only_rows: bool = typer.Option(False, "--text-only-rows", help="also train on the text-only rows of the Parquet metadata (skipped: no_image), SFT only"),
-    num_workers: int = typer.Option(0, "--num-workers", help="DataLoader workers (may change on --resume: the batch order does not depend on it)"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
-    resume: bool = typer.Option(False, "--resume", help="continue the run in --output from its checkpoint"),
-    allow_partial: bool = typer.Option(False, "--allow-partial", help="train on the units committed now of an unfinished output (a fixed set, announced)"),
+    model: str = _train_opt("model", "model adapter: toy | llava-hf"),
+    model_path: str = _train_opt("model_path", "llava-hf: model folder or hub id; toy: open_clip config JSON", "--model-path"),
+    model_dtype: str = _train_opt("model_dtype", "llava-hf weight dtype: fp32 | bf16", "--model-dtype"),
+    gradient_checkpointing: bool = _train_opt("gradient_checkpointing", "llava-hf: trade compute for memory", "--gradient-checkpointing"),
+    steps: int = _train_opt("steps", "optimizer steps in total (a resumed run continues up to this)"),
+    batch_size: int = _train_opt("batch_size", "pairs per micro-batch", "--batch-size"),
+    grad_accum: int = _train_opt("grad_accum", "micro-batches per optimizer step", "--grad-accum"),
+    lr: float = _train_opt("lr", "peak learning rate (AdamW)"),
+    weight_decay: float = _train_opt("weight_decay", "AdamW weight decay", "--weight-decay"),
+    warmup: int = _train_opt("warmup", "linear warm-up steps before the cosine decay"),
+    max_grad_norm: float = _train_opt("max_grad_norm", "gradient clipping; 0 = off", "--max-grad-norm"),
+    log_every: int = _train_opt("log_every", "steps between log lines", "--log-every"),
+    save_every: int = _train_opt("save_every", "steps between checkpoints; 0 = at the end only", "--save-every"),
+    beta: float = _train_opt("beta", "SimPO beta"),
+    sft_weight: float = _train_opt("sft_weight", "weight of the SFT loss", "--sft-weight"),
+    pref_weight: float = _train_opt("pref_weight", "weight of the mixed SimPO loss", "--pref-weight"),
+    two_sided: bool = _train_opt("two_sided", "gradients through the loser too (default: stop-gradient)", "--two-sided"),
+    margin_from: str = _train_opt("margin_from", "SimPO margin 1 - lam_hat (stored) or 1 - lam", "--margin-from"),
+    seed: int = _train_opt("seed", "seed of the shard order and the model's initialisation"),
+    max_length: int = _train_opt("max_length", "tokens kept per sequence, image tokens included (LLaVA-1.5: 2048); 0 = no cut", "--max-length"),
+    text_only_rows: bool = _train_opt("text_only_rows", "also train on the text-only rows of the Parquet metadata (skipped: no_image), SFT only", "--text-only-rows"),
+    num_workers: int = _train_opt("num_workers", "DataLoader workers (may change on --resume: the batch order does not depend on it)", "--num-workers"),
+    device: str = _train_opt("device", "auto | cpu | cuda | cuda:N"),
+    resume: bool = _train_opt("resume", "continue the run in --output from its checkpoint", "--resume"),
+    allow_partial: bool = _train_opt("allow_partial", "train on the units committed now of an unfinished output (a fixed set, announced)", "--allow-partial"),
     storage_options: str = typer.Option(None, "--storage-options", help=STORAGE_HELP),
 ):
     """Train a model on the shards with SFT + mixed SimPO (docs/METHOD.md section 5)."""
-    from stages.train import TrainConfig, train
+    flags = dict(locals())  # first: the flags only
+    from stages.training.config import TrainConfig
+    from stages.training.loop import train
 
-    result = train(TrainConfig(
-        shards=shards, output=output, model=model, model_path=model_path, model_dtype=model_dtype,
-        gradient_checkpointing=gradient_checkpointing, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-        weight_decay=weight_decay, warmup=warmup, max_grad_norm=max_grad_norm, log_every=log_every, save_every=save_every,
-        beta=beta, sft_weight=sft_weight, pref_weight=pref_weight, two_sided=two_sided, margin_from=margin_from, seed=seed,
-        max_length=max_length or None, text_only_rows=text_only_rows, num_workers=num_workers, device=device, resume=resume,
-        allow_partial=allow_partial, storage_options=_storage_options(storage_options),
-    ), echo=typer.echo)
+    given = {name: value for name, value in flags.items() if name not in ("shards", "output", "storage_options") and value is not None}
+    if given.get("max_length") == 0:
+        given["max_length"] = None  # 0 on the command line: no cut
+    cfg = TrainConfig(shards=shards, output=output, storage_options=_storage_options(storage_options), **given)
+    result = train(cfg, echo=typer.echo)
     typer.echo(f"done: step {result['step']}, run folder {result['output']}")
 
 

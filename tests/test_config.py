@@ -82,3 +82,18 @@ def test_help_shows_the_dataclass_defaults():
     for flag, default in (("--merge", "288"), ("--samples-per-shard", "1000"), ("--unit-timeout", "3600.0"),
                           ("--method", "mergemix"), ("--prop-attn", "off")):
         assert flag in text and f"[{default}]" in text, (flag, default)
+
+
+def test_train_help_shows_the_train_config_defaults():
+    from dataclasses import fields
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from stages.training.config import TrainConfig
+
+    text = " ".join(CliRunner().invoke(app, ["train", "--help"], terminal_width=400).output.split())
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    for flag, name in (("--steps", "steps"), ("--lr", "lr"), ("--max-length", "max_length"), ("--margin-from", "margin_from")):
+        assert flag in text and f"[{defaults[name]}]" in text, flag
+    assert "--text-only-rows" in text and "--no-text-only-rows" not in text

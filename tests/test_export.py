@@ -123,7 +123,7 @@ def test_hf_export_loads_with_datasets_and_feeds_trls_collator(out, tmp_path):
     transformers = pytest.importorskip("transformers")  # noqa: F841
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
-    from stages.vlm import LLAVA15_CHAT_TEMPLATE
+    from stages.training.vlm import LLAVA15_CHAT_TEMPLATE
     from tests.tiny_llava import IMAGE_TOKENS, llama_tokenizer, tiny_llava
 
     _, processor = tiny_llava(llama_tokenizer(tmp_path / "tokenizer", legacy=False), LLAVA15_CHAT_TEMPLATE)

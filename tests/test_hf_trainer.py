@@ -1,4 +1,4 @@
-"""The transformers Trainer (stages.hf_trainer) on the tiny offline LLaVA, CPU: its loss is
+"""The transformers Trainer (stages.training.hf_trainer) on the tiny offline LLaVA, CPU: its loss is
 `mergemix_loss` on the same batch, it trains a few steps from our shards and from the `hf`
 export, logs the preference metrics and saves a checkpoint the model's library loads."""
 from __future__ import annotations
@@ -15,10 +15,10 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
 from stages.export import export  # noqa: E402
-from stages.hf_trainer import MergeMixTrainer, MergeMixTrainingArguments, PairCollator, main  # noqa: E402
-from stages.loader import ShardDataset  # noqa: E402
-from stages.losses import mergemix_loss  # noqa: E402
-from stages.vlm import LlavaHF  # noqa: E402
+from stages.training.hf_trainer import MergeMixTrainer, MergeMixTrainingArguments, PairCollator, main  # noqa: E402
+from stages.training.loader import ShardDataset  # noqa: E402
+from stages.training.losses import mergemix_loss  # noqa: E402
+from stages.training.vlm import LlavaHF  # noqa: E402
 from tests.test_train import colour_shards  # noqa: E402
 from tests.tiny_llava import LLAVA_HF_CHAT_TEMPLATE, llama_tokenizer, tiny_llava  # noqa: E402
 
@@ -92,7 +92,7 @@ def test_trains_a_few_steps_on_shards_logs_and_saves(shards, tmp_path):
 
 
 def test_the_script_trains_on_the_hf_export(hf_export, tmp_path):
-    """`python -m stages.hf_trainer` (what accelerate launch / torchrun run), in-process."""
+    """`python -m stages.training.hf_trainer` (what accelerate launch / torchrun run), in-process."""
     model_dir = tmp_path / "tiny-llava"
     LlavaHF(*tiny(tmp_path)).save_pretrained(model_dir)
     trainer = main(["--model_path", str(model_dir), "--data", str(hf_export), "--output_dir", str(tmp_path / "run"),
@@ -115,7 +115,7 @@ def test_two_processes_under_torchrun(shards, tmp_path):
     LlavaHF(*tiny(tmp_path)).save_pretrained(model_dir)
     torchrun = Path(sys.executable).with_name("torchrun")
     run = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "-m", "stages.hf_trainer", "--model_path", str(model_dir), "--data", str(shards),
+        [str(torchrun), "--nproc_per_node", "2", "-m", "stages.training.hf_trainer", "--model_path", str(model_dir), "--data", str(shards),
          "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--per_device_train_batch_size", "3",
          "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true", "--ddp_backend", "gloo"],
         capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parents[1])

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.losses import IGNORE_INDEX, mergemix_loss, mixed_simpo_loss, sequence_logps, sft_loss
+from stages.training.losses import IGNORE_INDEX, mergemix_loss, mixed_simpo_loss, sequence_logps, sft_loss
 
 LN = math.log
 

@@ -23,7 +23,7 @@ from pipeline.config import GenerateConfig
 from pipeline.run import generate
 from stages.errors import UserError
 from stages.lease import Lease
-from stages.loader import ShardDataset
+from stages.training.loader import ShardDataset
 from stages.preview import make_contact_sheet
 from stages.report import inspect_output
 from stages.sample_data import write_sample_data

@@ -26,7 +26,7 @@ from PIL import Image
 from pipeline.config import GenerateConfig
 from schemas.shard import empty_row, sample_key
 from stages.errors import UserError
-from stages.loader import ShardDataset
+from stages.training.loader import ShardDataset
 from stages.shardread import iter_tar_members, resolve_shards
 from stages.validate import validate_output
 from stages.compose import PairImages
@@ -81,7 +81,7 @@ def test_encoder_checkpoint_path_is_not_unpickled(tiny_model_config, tmp_path):
 
 
 def test_train_resume_does_not_unpickle_code(tmp_path):
-    from stages.train import CHECKPOINT, TrainConfig, train
+    from stages.training.loop import CHECKPOINT, TrainConfig, train
 
     run = tmp_path / "run"
     run.mkdir()

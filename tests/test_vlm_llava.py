@@ -17,9 +17,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("sentencepiece")
 
 from stages.errors import UserError  # noqa: E402
-from stages.losses import IGNORE_INDEX, mergemix_loss, sequence_logps, sft_loss  # noqa: E402
-from stages.train import CHECKPOINT, TrainConfig, train  # noqa: E402
-from stages.vlm import LlavaHF  # noqa: E402
+from stages.training.losses import IGNORE_INDEX, mergemix_loss, sequence_logps, sft_loss  # noqa: E402
+from stages.training.loop import CHECKPOINT, TrainConfig, train  # noqa: E402
+from stages.training.vlm import LlavaHF  # noqa: E402
 from tests.test_train import Interrupted, read_log, stop_at  # noqa: E402
 from tests.tiny_llava import IMAGE_TOKENS, LLAVA_HF_CHAT_TEMPLATE, llama_tokenizer, tiny_llava  # noqa: E402
 
@@ -293,7 +293,7 @@ def test_bf16_step_on_cuda(model_dir, chats, tmp_path):
 
 
 def test_missing_model_path_is_a_user_error(tmp_path):
-    from stages.vlm import build_adapter
+    from stages.training.vlm import build_adapter
 
     with pytest.raises(UserError, match="--model-path"):
         build_adapter("llava-hf")

@@ -10,7 +10,7 @@ Columns, one row per pair:
 - `margin` (= 1 - lam_hat), `lam_hat`, `lam`, `mask` (the patch mask PNG) and `key`.
 
 Stock TRL trainers repeat `images` for both sides (see README): the loser needs a collator
-that reads `rejected_images`, such as the one of `stages.hf_trainer`.
+that reads `rejected_images`, such as the one of `stages.training.hf_trainer`.
 """
 from __future__ import annotations
 
@@ -151,6 +151,6 @@ ds = datasets.load_dataset("parquet", data_files="this/folder/{DATA_DIR}/*.parqu
 
 TRL's vision preference collator repeats `images` for `chosen` and `rejected`, so stock TRL
 would score both sides on the clean image. Train on the loser images with the transformers
-Trainer of `stages.hf_trainer` (its collator reads `rejected_images` and `margin`), or with
+Trainer of `stages.training.hf_trainer` (its collator reads `rejected_images` and `margin`), or with
 `mergemix-pipeline train` on the shards.
 """

@@ -13,11 +13,10 @@ from tqdm import tqdm
 
 from schemas.layout import SHARDS_DIR
 from schemas.shard import part_ext
+from stages.conversation import DEFAULT_PROMPT, IMAGE_PLACEHOLDER as IMAGE_TAG
 from stages.errors import UserError
 from stages.shardread import ShardRef, iter_tar_samples, parse_record
 
-IMAGE_TAG = "<image>"
-DEFAULT_PROMPT = "What is in the image?"  # classification shards: the label is the answer (as `train` does)
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 

@@ -67,5 +67,5 @@ its margin is smaller). The command uses the mean margin of this export as the g
 ({margins.line()}). ms-swift reads a `margin` column (its reward-model trainer uses it); its
 SimPO ignores it. `cpo_alpha 1` weighs SFT and SimPO 1:1, MergeMix's
 `(L_sft + L_pref) / 2` up to a factor of 2 on the learning rate. For the per-pair margin,
-train with `mergemix-pipeline train` or the transformers Trainer of `stages.hf_trainer`.
+train with `mergemix-pipeline train` or the transformers Trainer of `stages.training.hf_trainer`.
 """

@@ -2,11 +2,11 @@
 
 One optimizer step = `grad_accum` micro-batches. Each micro-batch runs the model on the clean
 images (with gradient: SFT and the winner side of SimPO) and on the mixed images (without
-gradient unless `two_sided`), then `stages.losses.mergemix_loss`. AdamW, linear warm-up then
+gradient unless `two_sided`), then `stages.training.losses.mergemix_loss`. AdamW, linear warm-up then
 cosine decay, bf16 autocast on CUDA, gradient clipping. Every `log_every` steps the metrics
 averaged since the last log (counts summed) go to stdout and `RUN_DIR/log.jsonl`.
 `RUN_DIR/checkpoint.pt` holds the trainable weights, optimizer, schedule and data position
-(epoch, batches used of it: `stages.loader.ShardBatches` makes that position mean the same
+(epoch, batches used of it: `stages.training.loader.ShardBatches` makes that position mean the same
 batches whatever `num_workers`), so `resume` continues exactly where the run stopped.
 With `text_only_rows`, the text-only rows of the Parquet metadata train too (SFT only).
 """
@@ -18,7 +18,7 @@ import os
 import time
 from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -28,9 +28,10 @@ from schemas.layout import SHARDS_DIR, shard_name, tar_name
 from stages.errors import UserError
 from stages.outdir import committed_units, unfinished
 from stages.storage import open_store
-from stages.loader import ShardBatches, ShardDataset, collate_pairs, collated, rank_world
-from stages.losses import mergemix_loss
-from stages.vlm import build_adapter
+from stages.training.config import TrainConfig
+from stages.training.loader import ShardBatches, ShardDataset, collate_pairs, collated, rank_world
+from stages.training.losses import mergemix_loss
+from stages.training.vlm import build_adapter
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -40,51 +41,6 @@ FIXED_ON_RESUME = ("model", "model_path", "batch_size", "grad_accum", "seed", "t
 # What a checkpoint's data position counts: batches of ShardBatches, the same for any number of
 # workers. Older checkpoints counted DataLoader batches, whose order changed with the workers.
 BATCH_ORDER = "shard-batches-1"
-
-
-@dataclass
-class TrainConfig:
-    shards: str
-    output: str
-    model: str = "toy"  # toy | llava-hf
-    model_path: str | None = None  # llava-hf: model folder or hub id; toy: optional open_clip config JSON
-    model_dtype: str = "fp32"  # llava-hf weights: fp32 | bf16
-    gradient_checkpointing: bool = False
-    steps: int = 100  # optimizer steps in total (a resumed run continues up to this)
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup: int = 10  # steps of linear warm-up before the cosine decay
-    max_grad_norm: float = 1.0  # 0 turns clipping off
-    log_every: int = 10
-    save_every: int = 0  # steps between checkpoints; 0 = only at the end
-    beta: float = 1.0
-    sft_weight: float = 0.5
-    pref_weight: float = 0.5
-    two_sided: bool = False  # gradients through the loser too
-    margin_from: str = "lam_hat"  # gamma = 1 - lam_hat (stored margin) | 1 - lam
-    seed: int = 0
-    max_length: int | None = 2048  # tokens per sequence, image tokens included (LLaVA-1.5: 2048); None: no cut
-    text_only_rows: bool = False  # also train on the text-only rows of the Parquet metadata (SFT only)
-    num_workers: int = 0  # DataLoader workers; may change on resume (the batch order does not depend on it)
-    device: str = "auto"
-    resume: bool = False
-    allow_partial: bool = False  # train on the units committed now of an unfinished output
-    storage_options: dict | None = None  # fsspec options when the shards are on an object store
-    partial_units: list[int] | None = None  # set at start with allow_partial: the fixed set, kept on resume
-
-    def check(self) -> None:
-        positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum, "log_every": self.log_every}
-        for name, value in positive.items():
-            if value < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.lr <= 0 or self.warmup < 0 or self.save_every < 0 or self.num_workers < 0:
-            raise UserError("--lr must be positive; --warmup, --save-every and --num-workers must not be negative")
-        if self.max_length is not None and self.max_length < 2:
-            raise UserError(f"--max-length must be at least 2 tokens, got {self.max_length}")
-        if self.margin_from not in ("lam_hat", "lam"):
-            raise UserError(f"--margin-from must be lam_hat or lam, got {self.margin_from!r}")
 
 
 def training_shards(cfg: TrainConfig, echo=print):

@@ -2,11 +2,11 @@
 
 Every adapter is an `nn.Module` whose forward takes a batch of images (B x 3 x H x W floats in
 [0, 1], as the shard loader yields them), the conversations as lists of (question, answer)
-turns (`stages.loader.sample_turns`) and optionally `has_image` (B bools; rows without an
+turns (`stages.conversation.sample_turns`) and optionally `has_image` (B bools; rows without an
 image are text-only and their image is ignored). It returns the logits over its own full input
 sequence plus labels aligned with it (Hugging Face convention, unshifted): the tokens of every
 answer of every turn, each with its end-of-turn token, and -100 everywhere else. The losses in
-`stages.losses` need nothing else, so a new model family only has to implement this one method.
+`stages.training.losses` need nothing else, so a new model family only has to implement this one method.
 
 The whole conversation is tokenised once; labels are never made by tokenising pieces on their
 own, so the labelled ids are exactly the model's own tokens. With `max_length`, sequences are
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.errors import UserError
-from stages.loader import NORMALIZE
-from stages.losses import IGNORE_INDEX
+from stages.training.loader import NORMALIZE
+from stages.training.losses import IGNORE_INDEX
 
 MODELS = ("toy", "llava-hf")
 Turns = list[tuple[str, str]]  # (question, answer) exchanges of one conversation

@@ -1,5 +1,5 @@
 """MergeMix on the Hugging Face `transformers.Trainer`: the mixed SimPO + SFT loss of
-`stages.losses.mergemix_loss` over a llava-hf model, so distributed training (DDP, FSDP,
+`stages.training.losses.mergemix_loss` over a llava-hf model, so distributed training (DDP, FSDP,
 DeepSpeed), `report_to`, checkpointing and `accelerate launch` / `torchrun` come from the
 library. `mergemix-pipeline train` stays the one-file path; both score a pair the same way.
 
@@ -11,14 +11,14 @@ library. `mergemix-pipeline train` stays the one-file path; both score a pair th
 
 or from the command line (every TrainingArguments flag works):
 
-    accelerate launch -m stages.hf_trainer --model_path llava-hf/llava-1.5-7b-hf --data OUT \\
+    accelerate launch -m stages.training.hf_trainer --model_path llava-hf/llava-1.5-7b-hf --data OUT \\
         --output_dir run --max_steps 1000 --per_device_train_batch_size 4 --bf16 --report_to wandb
 
-The data: our shards (`stages.loader.ShardDataset`, read by each rank for its own shards) or
+The data: our shards (`stages.training.loader.ShardDataset`, read by each rank for its own shards) or
 the `export --to hf` dataset (a map-style `datasets.Dataset`, split over ranks by the Trainer).
 `PairCollator` turns either into winner and loser images plus the text; `compute_loss` renders
 every turn of the text with the model's chat template (labels as `train` builds them) and runs the model twice (the loser without gradient
-unless `two_sided`), through `stages.vlm.LlavaHF`, as `train` does.
+unless `two_sided`), through `stages.training.vlm.LlavaHF`, as `train` does.
 """
 from __future__ import annotations
 
@@ -34,9 +34,10 @@ from torch.utils.data import DataLoader
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from stages.errors import UserError
-from stages.loader import ShardDataset, sample_turns
-from stages.losses import mergemix_loss
-from stages.vlm import LlavaHF
+from stages.conversation import sample_turns
+from stages.training.loader import ShardDataset
+from stages.training.losses import mergemix_loss
+from stages.training.vlm import LlavaHF
 
 
 @dataclass
@@ -214,7 +215,7 @@ def load_data(data: str, storage_options: dict | None = None, seed: int = 0):
 
 
 def main(argv: list[str] | None = None) -> Trainer:
-    """`python -m stages.hf_trainer ...` (or under accelerate launch / torchrun): train and save."""
+    """`python -m stages.training.hf_trainer ...` (or under accelerate launch / torchrun): train and save."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     script, args = HfArgumentParser((ScriptArguments, MergeMixTrainingArguments)).parse_args_into_dataclasses(argv)
