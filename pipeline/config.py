@@ -17,7 +17,7 @@ from schemas.shard import IMAGE_FORMATS
 from stages.errors import UserError
 from stages.methods import LAM_MODES, METHODS
 from stages.ratios import parse_lam_spec
-from stages.preprocess import RESIZE_MODES
+from stages.preprocess import IMAGE_OPS, RESIZE_MODES
 from stages.tower import HF_HUB_PREFIX, PRECISIONS, parse_triple
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -25,8 +25,9 @@ PRECISION_NAMES = tuple(PRECISIONS)
 MERGE_SCHEDULES = ("constant", "decreasing")  # = stages.tome.SCHEDULES (tome needs torch; a test keeps them equal)
 
 # Keys that do not change a single output byte: they may differ between a run and its resume.
+# `compile` changes saliency floats in the last bits at most, as --batch-size does (docs/DECISIONS.md).
 RUN_ONLY_KEYS = frozenset({"output", "workers", "batch_size", "address", "overwrite", "config", "device", "progress",
-                           "unit_timeout"})
+                           "unit_timeout", "compile"})
 
 
 @dataclass
@@ -57,6 +58,11 @@ class GenerateConfig:
     workers: int | None = None  # encoder actors; default: one per GPU, else one per 2 CPUs
     batch_size: int = 64
     device: str = "auto"  # auto | cpu | cuda
+    # Where images are decoded and fitted: pil in the CPU prepare tasks; torch in the encoder actor, on
+    # its device (stages.device_images); auto: torch where the encoder runs on CUDA, else pil.
+    image_ops: str = "auto"
+    device_encode: bool = False  # torch image ops: the actor JPEG-encodes winners and losers (nvJPEG on CUDA)
+    compile: bool = False  # torch.compile the encoder's blocks
     address: str | None = None
     unit_timeout: float = 3600.0  # seconds a unit's current stage may go without progress
     overwrite: bool = False
@@ -86,7 +92,8 @@ class GenerateConfig:
         if not self.output:
             raise UserError("--output is required (the directory the shards go to)")
         choices = {"method": METHODS, "lam_mode": LAM_MODES, "resize": RESIZE_MODES, "image_format": IMAGE_FORMATS,
-                   "device": DEVICES, "precision": PRECISION_NAMES, "merge_schedule": MERGE_SCHEDULES}
+                   "device": DEVICES, "precision": PRECISION_NAMES, "merge_schedule": MERGE_SCHEDULES,
+                   "image_ops": IMAGE_OPS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"--{key.replace('_', '-')} {getattr(self, key)!r} is not one of: {', '.join(allowed)}")
@@ -106,6 +113,10 @@ class GenerateConfig:
             self.std = list(parse_triple(self.std, "--std", positive=True))
         if not 1 <= self.jpeg_quality <= 100:
             raise UserError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
+        if self.device_encode and self.image_format != "jpg":
+            raise UserError(f"--device-encode makes JPEGs: it needs --image-format jpg, not {self.image_format}")
+        if self.device_encode and self.image_ops == "pil":
+            raise UserError("--device-encode needs the torch image path: --image-ops torch (or auto on a GPU)")
         if self.image_root is not None and not Path(self.image_root).is_dir():
             raise UserError(f"--image-root {self.image_root} is not a directory")
 
@@ -127,10 +138,18 @@ class GenerateConfig:
             d.pop("jpeg_quality")
         return d
 
-    def fingerprint(self, input_digest: str = "", tower: dict | None = None) -> str:
-        """Hash of everything that shapes the output: these keys, the input's records and the
-        tower's resolved settings (activation, mean/std, interpolation: stages.tower)."""
+    def fingerprint(self, input_digest: str = "", tower: dict | None = None, image_ops: str | None = None) -> str:
+        """Hash of everything that shapes the output: these keys, the input's records, the
+        tower's resolved settings (activation, mean/std, interpolation: stages.tower) and the image
+        path as it resolved for the run (`image_ops`; None: the flag's, auto counting as pil)."""
         keys = self.output_keys() | {"input_digest": input_digest} | ({"tower": tower} if tower else {})
+        # pil and actor-side encoding off hash as before these flags existed: such outputs still resume.
+        del keys["image_ops"], keys["device_encode"]
+        image_ops = image_ops or (self.image_ops if self.image_ops != "auto" else "pil")
+        if image_ops != "pil":
+            keys["image_ops"] = image_ops
+        if self.device_encode:
+            keys["device_encode"] = True
         text = json.dumps(keys, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pipeline import tasks
 from pipeline.actor import ActorMessages, UnitWorker
 from pipeline.config import GenerateConfig
-from pipeline.distribute import Distributor, connect, size_from_cluster, units_in_flight
+from pipeline.distribute import Distributor, connect, resolve_image_ops, size_from_cluster, units_in_flight
 from pipeline.tasks import Unit
 from schemas.layout import INDEX_FILE, SHARDS_DIR
 from schemas.shard import SCHEMA_VERSION
@@ -95,7 +95,8 @@ def generate(cfg: GenerateConfig) -> RunResult:
         listing = list_input(cfg.input, cfg.samples_per_shard, folder_labels=cfg.folder_labels)
         if not listing.count:
             raise UserError(f"{cfg.input} holds no samples")
-        fingerprint = cfg.fingerprint(listing.digest, tower.describe())
+        image_ops = resolve_image_ops(cfg.image_ops, cfg.device, cfg.address, cfg.device_encode)
+        fingerprint = cfg.fingerprint(listing.digest, tower.describe(), image_ops)
         planned = range(len(listing.slices))
         check_output(store, cfg, fingerprint, planned)
         remove_leftovers(store, planned)
@@ -103,7 +104,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
         units = [Unit(i, s) for i, s in enumerate(listing.slices) if i not in done]
         result = RunResult(Path(cfg.output), fingerprint, len(planned), len(planned) - len(units), 0,
                            tower=tower.summary())
-        outcome, sizing = _distribute(cfg, units, tower, image_root, fingerprint, lease)
+        outcome, sizing = _distribute(cfg, units, tower, image_root, fingerprint, lease, image_ops)
         if outcome.storage_error:
             raise UserError(f"cannot write to {store.url} ({outcome.storage_error}); committed units are kept: "
                             "free space or fix permissions, then rerun the same command to resume")
@@ -121,6 +122,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
                       "pad_rgb": list(tower.pad_rgb), "settings_from": tower.settings_from},
             "schema_version": SCHEMA_VERSION,
             "versions": package_versions(),
+            "image_ops": image_ops,
             "input_kind": listing.kind,
             "inputs": listing.count,
             "units_planned": len(planned),
@@ -132,7 +134,8 @@ def generate(cfg: GenerateConfig) -> RunResult:
     return result
 
 
-def _distribute(cfg: GenerateConfig, units: list[Unit], tower, image_root, fingerprint: str, lease: Lease):
+def _distribute(cfg: GenerateConfig, units: list[Unit], tower, image_root, fingerprint: str, lease: Lease,
+                image_ops: str = "pil"):
     """Run `units` on Ray; returns (pipeline.distribute.Outcome, the sizing used or None)."""
     from pipeline.distribute import Outcome
 
@@ -145,7 +148,7 @@ def _distribute(cfg: GenerateConfig, units: list[Unit], tower, image_root, finge
     # run. A unit that kills its actor every time still ends, after max_task_retries x UNIT_RETRIES.
     actors = [
         UnitWorker.options(num_cpus=sizing.actor_cpus, num_gpus=sizing.actor_gpus, max_restarts=-1, max_task_retries=3)
-        .remote(cfg.to_dict(), sizing.device, sizing.threads)
+        .remote(cfg.to_dict(), sizing.device, sizing.threads, image_ops)
         for _ in range(min(sizing.actors, len(units)))
     ]
     # Warnings raised while the actors load (random weights, open_clip's own) reach this terminal once.
@@ -154,7 +157,8 @@ def _distribute(cfg: GenerateConfig, units: list[Unit], tower, image_root, finge
     write = _write.options(num_cpus=sizing.task_cpus, max_retries=3)
 
     def submit(unit: Unit, actor):
-        prepared = prepare.remote(unit, tower.image_size, cfg.resize, image_root, tower.pad_rgb, tower.interpolation)
+        prepared = prepare.remote(unit, tower.image_size, cfg.resize, image_root, tower.pad_rgb, tower.interpolation,
+                                  image_ops)
         decided = actor.make.remote(prepared)
         # The writer takes the prepared pixels straight from the object store: the actor returns decisions only.
         return prepared, decided, write.remote(prepared, decided, cfg.output, cfg.image_format, cfg.jpeg_quality,

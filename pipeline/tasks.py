@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.listing import Slice
-from stages.compose import pair_images
 from stages.decide import UnitDecisions
 from stages.prepare import PreparedUnit, prepare_unit
 from stages.preprocess import CLIP_MEAN_RGB
@@ -33,16 +32,17 @@ class Unit:
 
 
 def prepare(unit: Unit, image_size, resize: str, image_root: str | None, fill=CLIP_MEAN_RGB,
-            interpolation: str = "bicubic") -> PreparedUnit:
+            interpolation: str = "bicubic", image_ops: str = "pil") -> PreparedUnit:
     records = read_slice(unit.slice)
     return prepare_unit(unit.unit_id, unit.slice.first_index, records, image_size, resize, image_root, fill,
-                        interpolation)
+                        interpolation, image_ops)
 
 
 def write(unit: PreparedUnit, decided: UnitDecisions, out_dir: str, image_format: str, jpeg_quality: int,
           fingerprint: str) -> dict:
     """Write one unit. `unit` is the prepared unit the actor saw (its pixels are the winners,
-    read from Ray's object store without a copy); `decided` is what the actor decided."""
-    images = pair_images(decided.ok_keys, decided.masks, decided.partners, unit.pixels, decided.losers)
+    read from Ray's object store without a copy; on the torch image path the actor returns them);
+    `decided` is what the actor decided."""
+    images = decided.pairs(unit.pixels)
     return write_unit(Path(out_dir), decided.unit_id, decided.rows, images, image_format=image_format,
-                      jpeg_quality=jpeg_quality, fingerprint=fingerprint, extra_stats={"timings": decided.timings})
+                      jpeg_quality=jpeg_quality, fingerprint=fingerprint, extra_stats=decided.extra_stats)

@@ -207,3 +207,21 @@ def test_merged_blocks_use_fused_attention_and_never_wait_for_the_host(tiny_mode
     square = [(op, s) for op, s in rec.shapes if len(s) >= 2 and s[-1] == s[-2] and s[-1] in tokens]
     assert square == []
 
+
+def test_compiled_blocks_give_the_eager_saliency(tiny_model_config, monkeypatch):
+    """--compile: the same graph through torch.compile (aot_eager here: the capture without the C++
+    build) gives the eager saliency and source map, and the decider keeps one batch shape."""
+    from stages.decide import UnitDecider
+
+    monkeypatch.setenv("MERGEMIX_COMPILE_BACKEND", "aot_eager")
+    enc = load_encoder(str(tiny_model_config), "none", merge=16)
+    pixels = torch.randint(0, 256, (5, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    decider = UnitDecider(enc, method="mergemix", lam="beta:1.0", lam_mode="area", seed=0, batch_size=4, describe={})
+    eager = decider.saliency(pixels)
+    enc.enable_compile()
+    run, batches = enc._run, []
+    enc._run = lambda images, from_pixels: batches.append(len(images)) or run(images, from_pixels)
+    compiled = decider.saliency(pixels)
+    assert batches == [4, 4]  # the last batch of 1 filled up with copies: no second graph
+    torch.testing.assert_close(compiled[0], eager[0], atol=1e-6, rtol=1e-5)
+    assert torch.equal(compiled[2], eager[2]) and compiled[0].shape == (5, 8, 8)
