@@ -124,13 +124,16 @@ def load_pixels(data: bytes, size: tuple[int, int], mode: str = "pad", fill=CLIP
 # here, so every outcome and reason stays PIL's.
 
 EXIF_ORIENTATION = 0x0112
-DEVICE_JPEG_SOF = (0xC0, 0xC1, 0xC2)  # Huffman-coded baseline, extended and progressive: what nvJPEG decodes
+# Huffman-coded sequential JPEGs (baseline and extended): what the hardware decoder of an A100 or H100
+# takes in batches. Progressive JPEGs would be decoded one at a time there, their Huffman stage on
+# the actor's one CPU core, so they stay with the prepare tasks, like arithmetic-coded and lossless ones.
+DEVICE_JPEG_SOF = (0xC0, 0xC1)
 
 
 def device_jpeg_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int] | None:
     """(height, width) of a JPEG the torch image path may decode itself with the pixels decode_rgb
     would give; None for anything that must go through decode_rgb instead: other formats, CMYK
-    and Adobe-marked JPEGs, 12-bit or arithmetic-coded ones, an EXIF orientation to apply, more
+    and Adobe-marked JPEGs, progressive, 12-bit or arithmetic-coded ones, an EXIF orientation to apply, more
     than `max_pixels`, bytes cut short (no end-of-image marker: PIL calls them corrupt) or a header
     PIL cannot read. Reads the header only (about 20 us)."""
     if not data.startswith(b"\xff\xd8\xff") or not data.endswith(b"\xff\xd9"):
