@@ -139,7 +139,7 @@ def _distribute(cfg: GenerateConfig, units: list[Unit], tower, image_root, finge
     """Run `units` on Ray; returns (pipeline.distribute.Outcome, the sizing used or None)."""
     from pipeline.distribute import Outcome
 
-    if not units:  # a finished run resumes as a no-op: no Ray start, no actor
+    if not units:  # a finished run resumes as a no-op: no actor (Ray starts only to resolve --image-ops auto)
         return Outcome(), None
     connect(cfg.address)
     resources = ray.cluster_resources()
