@@ -7,8 +7,8 @@ Not run by this project yet (no GPU was available); on a GPU node:
 
     python bench/gpu.py                                   # ViT-L-14-336, R=288, bf16, random weights
     python bench/gpu.py --pairs 32000 --batches 128,256 --no-compile
-    python bench/gpu.py --device cpu --model ViT-S-16 --merge 64 --batches 8 --pairs 64 --samples-per-shard 16 \\
-        --iters 2 --paths pil      # smoke test on a CPU machine
+    python bench/gpu.py --device cpu --precision fp32 --model ViT-S-16 --merge 64 --batches 8 --pairs 64 \\
+        --samples-per-shard 16 --iters 2 --paths pil      # smoke test on a CPU machine (bf16 on CPU is slow)
 
 Inputs are synthetic 640x480 JPEGs (about the size of COCO images in LLaVA-665k), written once into
 the scratch folder. Steady-state pairs/s as in bench/common.py. CPU busy: the machine's CPU time
@@ -126,7 +126,11 @@ def main() -> None:
     print_table(f"Encoder {args.model} R={args.merge} {args.precision} on {args.device} (FLOP bound {bound:.3f}x; "
                 "goal: >= 90% of it)", ["batch", "compile", "un-merged img/s", "merged img/s", "speed-up", "of bound"],
                 enc_rows)
-    fastest = max((r for r in enc_results if "merged" in r), key=lambda r: r["merged"])
+    measured = [r for r in enc_results if "merged" in r]
+    if not measured:  # every batch failed: the end-to-end runs would fail the same way
+        save("gpu", {"args": vars(args), "flop_bound": bound, "encoder": enc_results}, args.out)
+        raise SystemExit("the encoder failed at every batch size: " + "; ".join(r["error"] for r in enc_results))
+    fastest = max(measured, key=lambda r: r["merged"])
     del merged, plain
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -146,7 +150,7 @@ def main() -> None:
                            compile=fastest["compile"], **PATHS[name])
         commits = commit_times(out)
         lanes = run["sizing"]["actors"]
-        run.update(usage.over(commits[lanes - 1][0], commits[-1][0]))
+        run.update(usage.over(commits[min(lanes, len(commits)) - 1][0], commits[-1][0]))  # after the first wave
         runs[name] = run
         busy, util = run["cpu_cores_busy"], run["gpu_utilisation"]
         rows.append([name, f"{run['steady_per_s']:.0f}", f"{busy:.1f} of {cores}" if busy is not None else "-",
