@@ -19,7 +19,7 @@ import ray
 
 @ray.remote
 class UnitWorker:
-    def __init__(self, cfg: dict, device: str, threads: int):
+    def __init__(self, cfg: dict, device: str, threads: int, image_ops: str = "pil"):
         import torch
 
         from pipeline.config import GenerateConfig
@@ -39,8 +39,12 @@ class UnitWorker:
         describe = {"model": c.model, "pretrained": None if c.pretrained in ("", "none") else c.pretrained, "seed": c.seed,
                     "method": c.method, "lam_mode": c.lam_mode, **encoder.describe()}
         describe.pop("patch_size")
+        if c.compile:
+            encoder.enable_compile()
+        # The torch image path fits the JPEGs its units bring (and, with --device-encode, encodes pairs) here.
         self.decider = UnitDecider(encoder, method=c.method, lam=c.lam, lam_mode=c.lam_mode, seed=c.seed,
-                               batch_size=c.batch_size, describe=describe)
+                                   batch_size=c.batch_size, describe=describe, resize=c.resize,
+                                   encode_quality=c.jpeg_quality if c.device_encode and image_ops == "torch" else None)
 
     def make(self, unit):
         injected_fault(unit.unit_id)

@@ -69,7 +69,9 @@ def _choices(values) -> str:
     return " | ".join(values)
 
 
-from pipeline.config import IMAGE_FORMATS, LAM_MODES, METHODS, PRECISION_NAMES, RESIZE_MODES, SCHEDULES  # noqa: E402
+from pipeline.config import (  # noqa: E402
+    IMAGE_FORMATS, IMAGE_OPS, LAM_MODES, METHODS, PRECISION_NAMES, RESIZE_MODES, SCHEDULES,
+)
 
 
 @app.command()
@@ -103,6 +105,11 @@ def generate(
     batch_size: int = _opt("batch_size", "images per encoder forward"),
     samples_per_shard: int = _opt("samples_per_shard", "inputs per work unit = per shard"),
     device: str = _opt("device", "auto | cpu | cuda"),
+    image_ops: str = _opt("image_ops", f"{_choices(IMAGE_OPS)}: decode and fit images in CPU tasks (pil) or in the "
+                          "encoder actor on its device (torch: nvJPEG on CUDA); auto: torch on CUDA, else pil"),
+    device_encode: bool = _opt("device_encode", "torch image ops: JPEG-encode winners and losers in the encoder actor "
+                               "(nvJPEG on CUDA); write tasks only pack them", "--device-encode/--no-device-encode"),
+    compile: bool = _opt("compile", "torch.compile the encoder's blocks", "--compile/--no-compile"),
     address: str = _opt("address", "Ray cluster address", default="RAY_ADDRESS, else a local Ray"),
     unit_timeout: float = _opt("unit_timeout", "seconds a unit may go without progress before it is cancelled and retried"),
     overwrite: bool = _opt("overwrite", "replace output written with another configuration", "--overwrite"),

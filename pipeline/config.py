@@ -17,7 +17,7 @@ from schemas.shard import IMAGE_FORMATS
 from stages.errors import UserError
 from stages.methods import LAM_MODES, METHODS
 from stages.ratios import parse_lam_spec
-from stages.preprocess import RESIZE_MODES
+from stages.preprocess import IMAGE_OPS, RESIZE_MODES
 from stages.schedule import SCHEDULES
 from stages.tower import HF_HUB_PREFIX, PRECISIONS, parse_triple
 
@@ -25,8 +25,9 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISION_NAMES = tuple(PRECISIONS)
 
 # Keys that do not change a single output byte: they may differ between a run and its resume.
+# `compile` changes saliency floats in the last bits at most, as --batch-size does (docs/DECISIONS.md).
 RUN_ONLY_KEYS = frozenset({"output", "workers", "batch_size", "address", "overwrite", "config", "device", "progress",
-                           "unit_timeout", "storage_options"})
+                           "unit_timeout", "storage_options", "compile"})
 LOCATION_KEYS = frozenset({"input", "image_root"})  # where the records are; the input digest says what they are
 SECRET_KEYS = frozenset({"storage_options"})  # may hold credentials: never written to run.json, rows or the terminal
 
@@ -59,6 +60,11 @@ class GenerateConfig:
     workers: int | None = None  # encoder actors; default: one per GPU, else one per 2 CPUs
     batch_size: int = 64
     device: str = "auto"  # auto | cpu | cuda
+    # Where images are decoded and fitted: pil in the CPU prepare tasks; torch in the encoder actor, on
+    # its device (stages.device_images); auto: torch where the encoder runs on CUDA, else pil.
+    image_ops: str = "auto"
+    device_encode: bool = False  # torch image ops: the actor JPEG-encodes winners and losers (nvJPEG on CUDA)
+    compile: bool = False  # torch.compile the encoder's blocks
     address: str | None = None
     unit_timeout: float = 3600.0  # seconds a unit's current stage may go without progress
     storage_options: dict | None = None  # fsspec options for URL inputs/outputs (endpoint, keys, ...)
@@ -89,7 +95,8 @@ class GenerateConfig:
         if not self.output:
             raise UserError("--output is required (the directory the shards go to)")
         choices = {"method": METHODS, "lam_mode": LAM_MODES, "resize": RESIZE_MODES, "image_format": IMAGE_FORMATS,
-                   "device": DEVICES, "precision": PRECISION_NAMES, "merge_schedule": SCHEDULES}
+                   "device": DEVICES, "precision": PRECISION_NAMES, "merge_schedule": SCHEDULES,
+                   "image_ops": IMAGE_OPS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"--{key.replace('_', '-')} {getattr(self, key)!r} is not one of: {', '.join(allowed)}")
@@ -113,6 +120,10 @@ class GenerateConfig:
             self.storage_options = parse_storage_options(self.storage_options)
         if self.storage_options is not None and not isinstance(self.storage_options, dict):
             raise UserError("--storage-options must be a JSON object, e.g. '{\"client_kwargs\": {\"endpoint_url\": \"http://...\"}}'")
+        if self.device_encode and self.image_format != "jpg":
+            raise UserError(f"--device-encode makes JPEGs: it needs --image-format jpg, not {self.image_format}")
+        if self.device_encode and self.image_ops == "pil":
+            raise UserError("--device-encode needs the torch image path: --image-ops torch (or auto on a GPU)")
         if self.image_root is not None and "://" not in self.image_root and not Path(self.image_root).is_dir():
             raise UserError(f"--image-root {self.image_root} is not a directory")
 
@@ -139,12 +150,20 @@ class GenerateConfig:
             d.pop("jpeg_quality")
         return d
 
-    def fingerprint(self, input_digest: str = "", tower: dict | None = None) -> str:
-        """Hash of everything that shapes the output: these keys, the input's records and the
-        tower's resolved settings (activation, mean/std, interpolation: stages.tower). Not where
-        the input lives: the same records read from a disk or a bucket give the same shards."""
+    def fingerprint(self, input_digest: str = "", tower: dict | None = None, image_ops: str | None = None) -> str:
+        """Hash of everything that shapes the output: these keys, the input's records, the
+        tower's resolved settings (activation, mean/std, interpolation: stages.tower) and the image
+        path as it resolved for the run (`image_ops`; None: the flag's, auto counting as pil). Not
+        where the input lives: the same records read from a disk or a bucket give the same shards."""
         keys = {k: v for k, v in self.output_keys().items() if k not in LOCATION_KEYS}
         keys |= {"input_digest": input_digest} | ({"tower": tower} if tower else {})
+        # pil and actor-side encoding off hash as before these flags existed: such outputs still resume.
+        del keys["image_ops"], keys["device_encode"]
+        image_ops = image_ops or (self.image_ops if self.image_ops != "auto" else "pil")
+        if image_ops != "pil":
+            keys["image_ops"] = image_ops
+        if self.device_encode:
+            keys["device_encode"] = True
         text = json.dumps(keys, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

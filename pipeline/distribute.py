@@ -85,6 +85,21 @@ def size_from_cluster(resources: dict, workers: int | None, device: str) -> Sizi
     return Sizing(actors, cpus / (2 * actors), 0.0, max(0.25, min(1.0, cpus / 4)), "cpu", 1)
 
 
+def resolve_image_ops(image_ops: str, device: str, address: str | None, device_encode: bool = False) -> str:
+    """The image path of a run, pil or torch. auto: torch where the encoder actors run on CUDA, pil
+    on CPU; with --device auto that is the cluster's to say, so this connects to it. Resolved before
+    the fingerprint: the two paths differ in pixels (stages.device_images)."""
+    if image_ops == "auto":
+        if device == "auto":
+            connect(address)
+            device = "cuda" if float(ray.cluster_resources().get("GPU", 0)) >= 1 else "cpu"
+        image_ops = "torch" if device == "cuda" else "pil"
+    if device_encode and image_ops != "torch":
+        raise UserError("--device-encode needs the torch image path, and --image-ops auto chose pil (no GPU): "
+                        "add --image-ops torch, or drop --device-encode")
+    return image_ops
+
+
 def units_in_flight(resources: dict, sizing: Sizing, actors: int) -> int:
     """Units in flight per actor: enough prepare/write tasks for every CPU (a GPU actor encodes
     a unit much faster than one CPU task prepares or writes it), at least two."""

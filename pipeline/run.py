@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pipeline import tasks
 from pipeline.actor import ActorMessages, UnitWorker
 from pipeline.config import GenerateConfig
-from pipeline.distribute import Distributor, connect, one_line, size_from_cluster, units_in_flight
+from pipeline.distribute import Distributor, connect, one_line, resolve_image_ops, size_from_cluster, units_in_flight
 from pipeline.tasks import Unit
 from schemas.layout import INDEX_FILE, SHARDS_DIR
 from schemas.shard import SCHEMA_VERSION
@@ -111,7 +111,8 @@ def generate(cfg: GenerateConfig) -> RunResult:
         listing = list_input(cfg.input, cfg.samples_per_shard, folder_labels=cfg.folder_labels, storage_options=opts)
         if not listing.count:
             raise UserError(f"{cfg.input} holds no samples")
-        fingerprint = cfg.fingerprint(listing.digest, tower.describe())
+        image_ops = resolve_image_ops(cfg.image_ops, cfg.device, cfg.address, cfg.device_encode)
+        fingerprint = cfg.fingerprint(listing.digest, tower.describe(), image_ops)
         planned = range(len(listing.slices))
         check_output(store, cfg, fingerprint, planned)
         remove_leftovers(store, planned)
@@ -119,7 +120,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
         units = [Unit(i, s) for i, s in enumerate(listing.slices) if i not in done]
         result = RunResult(cfg.output, fingerprint, len(planned), len(planned) - len(units), 0,
                            tower=tower.summary())
-        outcome, sizing = _distribute(cfg, units, tower, image_root, fingerprint, lease)
+        outcome, sizing = _distribute(cfg, units, tower, image_root, fingerprint, lease, image_ops)
         if outcome.storage_error:
             raise UserError(f"cannot write to {store.url} ({outcome.storage_error}); committed units are kept: "
                             "free space or fix permissions, then rerun the same command to resume")
@@ -137,6 +138,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
                       "pad_rgb": list(tower.pad_rgb), "settings_from": tower.settings_from},
             "schema_version": SCHEMA_VERSION,
             "versions": package_versions(),
+            "image_ops": image_ops,
             "input_kind": listing.kind,
             "inputs": listing.count,
             "units_planned": len(planned),
@@ -148,11 +150,12 @@ def generate(cfg: GenerateConfig) -> RunResult:
     return result
 
 
-def _distribute(cfg: GenerateConfig, units: list[Unit], tower, image_root, fingerprint: str, lease: Lease):
+def _distribute(cfg: GenerateConfig, units: list[Unit], tower, image_root, fingerprint: str, lease: Lease,
+                image_ops: str = "pil"):
     """Run `units` on Ray; returns (pipeline.distribute.Outcome, the sizing used or None)."""
     from pipeline.distribute import Outcome
 
-    if not units:  # a finished run resumes as a no-op: no Ray start, no actor
+    if not units:  # a finished run resumes as a no-op: no actor (Ray starts only to resolve --image-ops auto)
         return Outcome(), None
     connect(cfg.address)
     resources = ray.cluster_resources()
@@ -162,7 +165,7 @@ def _distribute(cfg: GenerateConfig, units: list[Unit], tower, image_root, finge
     def make_actor():
         return (UnitWorker.options(num_cpus=sizing.actor_cpus, num_gpus=sizing.actor_gpus, max_restarts=-1,
                                    max_task_retries=3)
-                .remote(cfg.to_dict(), sizing.device, sizing.threads))
+                .remote(cfg.to_dict(), sizing.device, sizing.threads, image_ops))
 
     actors = [make_actor() for _ in range(min(sizing.actors, len(units)))]
     # Warnings raised while the actors load (random weights, open_clip's own) reach this terminal once.
@@ -172,7 +175,7 @@ def _distribute(cfg: GenerateConfig, units: list[Unit], tower, image_root, finge
 
     def submit(unit: Unit, actor):
         prepared = prepare.remote(unit, tower.image_size, cfg.resize, image_root, tower.pad_rgb, tower.interpolation,
-                                  cfg.storage_options)
+                                  cfg.storage_options, image_ops)
         decided = actor.make.remote(prepared)
         # The writer takes the prepared pixels straight from the object store: the actor returns decisions only.
         return prepared, decided, write.remote(prepared, decided, cfg.output, cfg.image_format, cfg.jpeg_quality,

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stages.listing import Slice
-from stages.compose import pair_images
 from stages.decide import UnitDecisions
 from stages.prepare import PreparedUnit, prepare_unit
 from stages.preprocess import CLIP_MEAN_RGB
@@ -33,18 +32,19 @@ class Unit:
 
 
 def prepare(unit: Unit, image_size, resize: str, image_root: str | None, fill=CLIP_MEAN_RGB,
-            interpolation: str = "bicubic", storage_options: dict | None = None) -> PreparedUnit:
+            interpolation: str = "bicubic", storage_options: dict | None = None, image_ops: str = "pil") -> PreparedUnit:
     records = read_slice(unit.slice, storage_options)
     return prepare_unit(unit.unit_id, unit.slice.first_index, records, image_size, resize, image_root, fill,
-                        interpolation, storage_options)
+                        interpolation, storage_options, image_ops)
 
 
 def write(unit: PreparedUnit, decided: UnitDecisions, out: str, image_format: str, jpeg_quality: int,
           fingerprint: str, storage_options: dict | None = None) -> dict:
     """Write one unit to the output `out` (a folder or an object-store URL). `unit` is the
     prepared unit the actor saw (its pixels are the winners, read from Ray's object store
-    without a copy); `decided` is what the actor decided."""
-    images = pair_images(decided.ok_keys, decided.masks, decided.partners, unit.pixels, decided.losers)
+    without a copy; on the torch image path the actor returns them); `decided` is what the
+    actor decided."""
+    images = decided.pairs(unit.pixels)
     return write_unit(open_store(out, storage_options), decided.unit_id, decided.rows, images,
                       image_format=image_format, jpeg_quality=jpeg_quality, fingerprint=fingerprint,
-                      extra_stats={"timings": decided.timings})
+                      extra_stats=decided.extra_stats)

@@ -18,9 +18,10 @@ import numpy as np
 class PairImages:
     """Pixels of one pair, as uint8 arrays."""
 
-    winner: np.ndarray  # H x W x 3, exactly the pixels the encoder saw
-    loser: np.ndarray  # H x W x 3, the mixed image
+    winner: np.ndarray | None  # H x W x 3, exactly the pixels the encoder saw (None when `encoded`)
+    loser: np.ndarray | None  # H x W x 3, the mixed image (None when `encoded`)
     mask: np.ndarray  # gh x gw, 255 = patch from the winner, 0 = from the partner (mixup: round(255 * lam) everywhere)
+    encoded: tuple[bytes, bytes] | None = None  # (winner, loser) JPEGs the encoder actor made (--device-encode)
 
 
 def compose_loser(winner: np.ndarray, partner: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -45,23 +46,28 @@ def upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def pair_images(keys: list[str], masks: np.ndarray, partners: np.ndarray, winners: np.ndarray,
-                losers: np.ndarray | None = None) -> Mapping[str, PairImages]:
+                losers: np.ndarray | None = None,
+                encoded: list[tuple[bytes, bytes]] | None = None) -> Mapping[str, PairImages]:
     """Key -> the pair's pixels. `keys`, `masks`, `partners` (and `losers`) run over a unit's
     ok samples in order; `winners` are the unit's prepared pixels, in the same order. A loser
-    is composed when its pair is looked up, so a writer holds one at a time."""
-    return _UnitImages(keys, masks, partners, winners, losers)
+    is composed when its pair is looked up, so a writer holds one at a time. With `encoded`
+    (the actor's JPEGs, in the same order) the pairs carry those bytes instead of pixels."""
+    return _UnitImages(keys, masks, partners, winners, losers, encoded)
 
 
 class _UnitImages(Mapping):
-    def __init__(self, keys, masks, partners, winners, losers):
-        if not len(keys) == len(masks) == len(partners) <= len(winners):
+    def __init__(self, keys, masks, partners, winners, losers, encoded=None):
+        images = len(encoded) if encoded is not None else len(winners)
+        if not len(keys) == len(masks) == len(partners) <= images:
             raise ValueError(f"{len(keys)} ok rows, {len(masks)} masks, {len(partners)} partners and "
-                             f"{len(winners)} images do not match")
-        self.masks, self.partners, self.winners, self.losers = masks, partners, winners, losers
+                             f"{images} images do not match")
+        self.masks, self.partners, self.winners, self.losers, self.encoded = masks, partners, winners, losers, encoded
         self.index = {k: i for i, k in enumerate(keys)}
 
     def __getitem__(self, key: str) -> PairImages:
         i = self.index[key]
+        if self.encoded is not None:
+            return PairImages(None, None, self.masks[i], self.encoded[i])
         winner, mask = self.winners[i], self.masks[i]
         if self.losers is not None:
             return PairImages(winner, self.losers[i], mask)

@@ -2,7 +2,11 @@
 derangement inside the unit, and the masks (stages.mix). The actor returns these, kilobytes,
 instead of a unit of images: the write task composes each patch-selection loser from the
 prepared pixels it already holds (stages.compose). Only losers that are not a selection of
-two unit images (mixup, resizemix, blur) travel as pixels."""
+two unit images (mixup, resizemix, blur) travel as pixels.
+
+With the torch image path the actor also decodes and fits the unit's plain JPEGs itself
+(stages.device_images) and returns the winners it saw; with `encode_quality` set it composes the
+losers on the device and returns JPEG bytes of both, so the write task only packs them."""
 from __future__ import annotations
 
 import time
@@ -12,7 +16,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from schemas.shard import BLEND_METHODS
+from stages.compose import pair_images
 from stages.prepare import PreparedUnit
+from stages.preprocess import CLIP_MEAN_RGB
 
 # torch and the mixing stage are imported inside UnitDecider only: the CPU tasks that unpickle
 # UnitDecisions then never load torch (seconds of CPU and a few hundred MB per Ray worker).
@@ -33,17 +39,33 @@ class UnitDecisions:
     partners: np.ndarray  # (n_ok,) index of each sample's partner x_j
     losers: np.ndarray | None = None  # (n_ok, H, W, 3), only for methods that are not a patch selection
     timings: dict = field(default_factory=dict)
+    winners: np.ndarray | None = None  # torch image path: (n_ok, H, W, 3), the images the encoder saw
+    encoded: list[tuple[bytes, bytes]] | None = None  # actor-encoded (winner, loser) JPEGs, per ok sample
+    images: dict = field(default_factory=dict)  # torch image path: how the unit's images were decoded
 
     @property
     def ok_keys(self) -> list[str]:
         return [r["key"] for r in self.rows if r["status"] == "ok"]
+
+    def pairs(self, prepared_pixels: np.ndarray):
+        """Key -> PairImages for the writer. `prepared_pixels` are the prepared unit's, the winners
+        on the pil path; on the torch path the actor's own winners (or JPEG bytes) are used."""
+        winners = prepared_pixels if self.winners is None else self.winners
+        return pair_images(self.ok_keys, self.masks, self.partners, winners, self.losers, self.encoded)
+
+    @property
+    def extra_stats(self) -> dict:
+        """What the unit's stats file records of the actor's work."""
+        return {"timings": self.timings, **({"images": self.images} if self.images else {})}
 
 
 class UnitDecider:
     """Holds the encoder of one actor and turns prepared units into decisions."""
 
     def __init__(self, encoder: MergingEncoder, *, method: str, lam: str, lam_mode: str, seed: int,
-                 batch_size: int, describe: dict):
+                 batch_size: int, describe: dict, resize: str = "pad", encode_quality: int | None = None):
+        """`resize` fits the JPEGs a torch-path unit leaves to the actor; `encode_quality` makes the
+        actor JPEG-encode winners and losers itself (torch image path only)."""
         from stages.ratios import parse_lam_spec
 
         self.encoder = encoder
@@ -53,17 +75,48 @@ class UnitDecider:
         self.seed = seed
         self.batch_size = batch_size
         self.describe = describe  # model/pretrained and config fields stamped on every ok row
+        self.resize = resize
+        self.encode_quality = encode_quality
 
     def saliency(self, pixels: torch.Tensor):
         import torch
 
         grids, tokens, sources = [], [], []
         for start in range(0, len(pixels), self.batch_size):
-            sal = self.encoder.saliency_from_pixels(pixels[start : start + self.batch_size])
-            grids.append(sal.grid)
-            tokens.append(sal.token_scores)
-            sources.append(sal.source)
+            batch = pixels[start : start + self.batch_size]
+            n = len(batch)
+            if self.encoder.compiled and n < self.batch_size:
+                # A compiled encoder keeps one batch shape (a new shape would compile again): fill
+                # the last batch with copies of its first image; each image's result is its own.
+                batch = torch.cat([batch, batch[:1].expand(self.batch_size - n, *batch.shape[1:])])
+            sal = self.encoder.saliency_from_pixels(batch)
+            grids.append(sal.grid[:n])
+            tokens.append(sal.token_scores[:n])
+            sources.append(sal.source[:n])
         return torch.cat(grids), torch.cat(tokens), torch.cat(sources)
+
+    def _pixels(self, unit: PreparedUnit):
+        """The unit's ok images on the encoder's device, in ok order. On the torch image path the
+        JPEGs left encoded are decoded and fitted here, and a JPEG no decoder takes fails its row."""
+        import torch
+
+        enc = self.encoder
+        if unit.jpegs is None:
+            return torch.from_numpy(unit.pixels).to(enc.device), {}
+        from stages.device_images import unit_images
+
+        tower = enc.tower
+        fill = tower.pad_rgb if tower is not None else CLIP_MEAN_RGB
+        interpolation = tower.interpolation if tower is not None else "bicubic"
+        images = unit_images(unit, enc.image_size, self.resize, fill, interpolation, enc.device)
+        pixels = images.pixels
+        if images.errors:
+            ok = unit.ok_rows
+            for i, error in images.errors.items():
+                ok[i].update(status="failed", error=error, orig_size=None)
+            keep = [i for i in range(len(ok)) if i not in images.errors]
+            pixels = pixels[torch.tensor(keep, dtype=torch.long, device=pixels.device)]
+        return pixels, dict(images.counts, failed=len(images.errors))
 
     def decide(self, unit: PreparedUnit) -> UnitDecisions:
         import torch
@@ -79,6 +132,9 @@ class UnitDecider:
         from stages.ratios import derangement, lam_hats, sample_lams
 
         start = time.perf_counter()
+        pixels, images = self._pixels(unit)  # the unit is on the device once, for every step
+        if unit.jpegs is not None:
+            unit.timings["images_s"] = round(time.perf_counter() - start, 6)  # decode + fit (host time on CUDA)
         ok = unit.ok_rows
         if len(ok) == 1:  # nothing to mix with: record it instead of pairing an image with itself
             ok[0].update(status="skipped", error="no_partner: only one usable image in the unit")
@@ -86,14 +142,13 @@ class UnitDecider:
         enc = self.encoder
         if not ok:
             return UnitDecisions(unit.unit_id, unit.rows, np.zeros((0, *enc.grid), np.uint8), np.zeros(0, np.int64),
-                             timings=unit.timings)
+                                 timings=unit.timings, images=images)
         keys = [r["key"] for r in ok]
         lam = sample_lams(self.lam_spec, self.seed, keys)
         partner = derangement(keys, self.seed)
-        pixels = torch.from_numpy(unit.pixels).to(enc.device)
         grid = tokens = source = None
         if self.method in NEEDS_SALIENCY:
-            grid, tokens, source = self.saliency(pixels)  # the unit is on the device once, for both steps
+            grid, tokens, source = self.saliency(pixels)
         result = make_losers(
             self.method, pixels, torch.from_numpy(partner).to(enc.device), torch.from_numpy(lam).to(enc.device),
             grid=enc.grid, patch=enc.patch, keys=keys, seed=self.seed,
@@ -114,6 +169,38 @@ class UnitDecider:
                 kept_patches=None if self.method in BLEND_METHODS else int((masks[i] == 255).sum()),
                 saliency=flat_saliency[i].tolist() if flat_saliency is not None else None,
             )
+        if self.encode_quality is not None and unit.jpegs is not None:
+            return self._encoded(unit, pixels, partner, result, masks, images, start)
         timings = dict(unit.timings, pairs_s=time.perf_counter() - start)
         losers = None if result.loser is None else result.loser.cpu().numpy()
-        return UnitDecisions(unit.unit_id, unit.rows, masks, partner, losers, timings)
+        winners = None
+        if unit.jpegs is not None:  # torch image path: the writer stores what the encoder saw
+            from stages.device_images import to_host
+
+            winners = to_host(pixels)
+        return UnitDecisions(unit.unit_id, unit.rows, masks, partner, losers, timings, winners, images=images)
+
+    def _encoded(self, unit, pixels, partner, result, masks, images, start) -> UnitDecisions:
+        """Compose the losers on the device and JPEG-encode both images there (nvJPEG on CUDA), a
+        chunk at a time; the write task then only packs the bytes."""
+        import torch
+
+        from stages.device_images import encode_jpegs
+        from stages.mix import mix_pixels, upsample_mask
+
+        enc = self.encoder
+        partner_t = torch.from_numpy(partner).to(pixels.device)
+        keep = torch.from_numpy(masks == 255).to(pixels.device)
+        encoded = []
+        t = time.perf_counter()
+        for s in range(0, len(pixels), self.batch_size):
+            winners = pixels[s : s + self.batch_size]
+            if result.loser is not None:  # a blend, resized paste or blur: made by make_losers
+                losers = result.loser[s : s + self.batch_size]
+            else:
+                losers = mix_pixels(winners, pixels[partner_t[s : s + self.batch_size]],
+                                    upsample_mask(keep[s : s + self.batch_size], enc.patch))
+            encoded += zip(encode_jpegs(winners, self.encode_quality), encode_jpegs(losers, self.encode_quality))
+        timings = dict(unit.timings, device_encode_s=round(time.perf_counter() - t, 6),
+                       pairs_s=time.perf_counter() - start)
+        return UnitDecisions(unit.unit_id, unit.rows, masks, partner, None, timings, encoded=encoded, images=images)

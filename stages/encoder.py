@@ -9,6 +9,7 @@ attention row. With R = 0 it reproduces the stock tower exactly (tests/test_enco
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -21,6 +22,8 @@ from stages.errors import UserError
 from stages.tome import MergeState, merge_schedule
 from stages.tome_openclip import check_supported, cls_attention, merged_block
 from stages.tower import OPENAI_MEAN, OPENAI_STD, Tower
+
+COMPILE_BACKEND_ENV = "MERGEMIX_COMPILE_BACKEND"  # torch.compile backend for --compile; default inductor
 
 
 @dataclass
@@ -78,6 +81,8 @@ class MergingEncoder(nn.Module):
         self.autocast_dtype: torch.dtype | None = None
         self.tower: Tower | None = None  # set by load_encoder: what was built, with which settings
         self._staging_buffer: torch.Tensor | None = None
+        self._run = self._blocks  # torch.compile'd by enable_compile
+        self.compiled = False
         for p in self.parameters():
             p.requires_grad_(False)
 
@@ -132,21 +137,34 @@ class MergingEncoder(nn.Module):
         """Saliency for normalised images (B, 3, H, W); stops at the saliency layer."""
         if images.ndim != 4 or tuple(images.shape[-2:]) != self.image_size:
             raise ValueError(f"expected images of shape (B, 3, {self.image_size[0]}, {self.image_size[1]}), got {tuple(images.shape)}")
-        return self._saliency(images.to(self.device), self._embed)
+        return self._saliency(images.to(self.device), from_pixels=False)
 
-    def _saliency(self, images: torch.Tensor, embed) -> Saliency:
+    def _saliency(self, images: torch.Tensor, from_pixels: bool) -> Saliency:
         with self._autocast():
-            state = MergeState.start(embed(images))
-            counts = []
-            for block, r in zip(self.blocks, self.schedule):
-                counts.append(state.x.shape[1])
-                state = merged_block(block, state, r, self.prop_attn)
-            counts.append(state.x.shape[1])
-            cls_row = cls_attention(self.blocks[self.attn_layer], state, self.prop_attn)
+            cls_row, source, counts = self._run(images, from_pixels)
         token_scores = cls_row[:, 1:].float()
-        source = state.source - 1  # token index -> patch-token index in [0, K)
+        source = source - 1  # token index -> patch-token index in [0, K)
         grid = token_scores.gather(1, source).view(-1, *self.grid)
-        return Saliency(grid=grid, token_scores=token_scores, source=source, tokens_per_layer=counts)
+        return Saliency(grid=grid, token_scores=token_scores, source=source, tokens_per_layer=list(counts))
+
+    def _blocks(self, images: torch.Tensor, from_pixels: bool):
+        """Embedding, merged blocks and the CLS row: (CLS attention (B, N), source map, tokens per block).
+        No host synchronisation inside (tests/test_encoder.py), so it can run ahead of the device."""
+        state = MergeState.start(self._embed_pixels(images) if from_pixels else self._embed(images))
+        counts = []
+        for block, r in zip(self.blocks, self.schedule):
+            counts.append(state.x.shape[1])
+            state = merged_block(block, state, r, self.prop_attn)
+        counts.append(state.x.shape[1])
+        return cls_attention(self.blocks[self.attn_layer], state, self.prop_attn), state.source, counts
+
+    def enable_compile(self) -> None:
+        """Run the blocks through torch.compile (`--compile`): one graph per batch shape, so callers
+        keep one (stages.decide pads the last batch). Results equal the eager ones to float rounding.
+        MERGEMIX_COMPILE_BACKEND picks another backend than inductor (the tests use aot_eager: the same
+        graph capture without half a minute of C++ compilation on a CI machine)."""
+        self._run = torch.compile(self._blocks, dynamic=False, backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"))
+        self.compiled = True
 
     @torch.no_grad()
     def saliency_from_pixels(self, pixels: torch.Tensor | np.ndarray) -> Saliency:
@@ -166,7 +184,7 @@ class MergingEncoder(nn.Module):
         # One pass uint8 -> float into a reused buffer (a fresh CPU buffer costs more in page
         # faults than the conversion itself); the channels-last view feeds the convolution as is.
         x = self._staging(pixels.shape).copy_(pixels).sub_(128.0).permute(0, 3, 1, 2)
-        return self._saliency(x, self._embed_pixels)
+        return self._saliency(x, from_pixels=True)
 
     def _staging(self, shape: torch.Size) -> torch.Tensor:
         """A float32 buffer of `shape` on the device, kept between calls and grown as needed."""

@@ -1,7 +1,10 @@
 """The prepare task's work on one unit: read each input's bytes, decode, fit to the encoder
 geometry. Every input becomes a row (ok, failed with its reason, or skipped), never an
 exception for the unit; the ok rows' pixels are the exact uint8 images the encoder will see
-and the writer will store as winners."""
+and the writer will store as winners.
+
+With the torch image path (`image_ops="torch"`) plain JPEGs are left encoded: the encoder actor
+decodes and fits them on its device (stages.device_images); the rest are decoded here as always."""
 from __future__ import annotations
 
 import time
@@ -10,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from schemas.shard import empty_row, sample_key
-from stages.preprocess import CLIP_MEAN_RGB, load_pixels
+from stages.preprocess import CLIP_MEAN_RGB, device_jpeg_size, load_pixels
 from stages.read import InputError, InputRecord, clean_text, close_handles, load_image_bytes
 
 
@@ -18,8 +21,11 @@ from stages.read import InputError, InputRecord, clean_text, close_handles, load
 class PreparedUnit:
     unit_id: int
     rows: list[dict]  # one per input, in input order
-    pixels: np.ndarray  # (n_ok, H, W, 3) uint8, rows with status "ok" in order
+    pixels: np.ndarray  # (n_ok, H, W, 3) uint8, rows with status "ok" in order (torch path: the ones decoded here)
     timings: dict = field(default_factory=dict)
+    # Torch image path only: per ok row, its JPEG bytes for the actor to decode, or None where the
+    # next image of `pixels` is that row's. None on the pil path: `pixels` holds every ok row.
+    jpegs: list[bytes | None] | None = None
 
     @property
     def ok_rows(self) -> list[dict]:
@@ -28,14 +34,16 @@ class PreparedUnit:
 
 def prepare_unit(unit_id: int, first_index: int, records: list[InputRecord], image_size: tuple[int, int],
                  resize: str, image_root: str | None, fill=CLIP_MEAN_RGB, interpolation: str = "bicubic",
-                 storage_options: dict | None = None) -> PreparedUnit:
+                 storage_options: dict | None = None, image_ops: str = "pil") -> PreparedUnit:
     """Decode one unit's inputs. Bad input becomes a failed/skipped row, never an exception.
-    `fill` (pad and transparency colour) and `interpolation` are the tower's (stages.tower)."""
+    `fill` (pad and transparency colour) and `interpolation` are the tower's (stages.tower).
+    `image_ops="torch"` leaves plain JPEGs to the encoder actor (PreparedUnit.jpegs)."""
     start = time.perf_counter()
     root = image_root or None  # a local folder or an object-store URL (stages.read)
     rows, handles = [], {}
     # Filled in place: no list of arrays plus a stacked copy (half the task's peak memory).
     pixels, n_ok = np.empty((len(records), *image_size, 3), np.uint8), 0
+    jpegs = [] if image_ops == "torch" else None
     try:
         for i, rec in enumerate(records):
             row = empty_row(key=sample_key(unit_id, i), source_id=clean_text(rec.source_id), unit=unit_id, index=i,
@@ -48,10 +56,16 @@ def prepare_unit(unit_id: int, first_index: int, records: list[InputRecord], ima
                 if rec.image is None:
                     row.update(status="skipped", error="no_image: text-only sample")
                 else:
-                    array, orig = load_pixels(load_image_bytes(rec.image, root, handles, storage_options), image_size, resize, fill,
-                                              interpolation)
-                    pixels[n_ok] = array
-                    n_ok += 1
+                    data = load_image_bytes(rec.image, root, handles, storage_options)
+                    size = device_jpeg_size(data) if jpegs is not None else None
+                    if size is not None:  # the actor decodes it
+                        orig = size
+                    else:
+                        array, orig = load_pixels(data, image_size, resize, fill, interpolation)
+                        pixels[n_ok] = array
+                        n_ok += 1
+                    if jpegs is not None:
+                        jpegs.append(data if size is not None else None)
                     row.update(status="ok", orig_size=list(orig))
             except InputError as exc:
                 row.update(status="failed", error=clean_text(str(exc)))
@@ -61,4 +75,4 @@ def prepare_unit(unit_id: int, first_index: int, records: list[InputRecord], ima
     finally:
         close_handles(handles)
     stacked = pixels if n_ok == len(records) else pixels[:n_ok].copy()  # a copy only when rows failed
-    return PreparedUnit(unit_id, rows, stacked, {"prepare_s": time.perf_counter() - start})
+    return PreparedUnit(unit_id, rows, stacked, {"prepare_s": time.perf_counter() - start}, jpegs)

@@ -25,6 +25,7 @@ RESIZE_MODES = ("pad", "center-crop", "squash")
 MAX_PIXELS = 90_000_000  # refuse larger declared sizes before decoding (decompression bombs)
 CLIP_MEAN_RGB = tuple(int(255 * m) for m in OPENAI_MEAN)  # (122, 116, 104), as LLaVA pads: the default fill
 RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}  # the interpolations open_clip's tags use
+IMAGE_OPS = ("auto", "pil", "torch")  # where images are decoded and fitted: here (pil), or in the encoder actor (torch)
 
 
 def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS, fill=CLIP_MEAN_RGB) -> Image.Image:
@@ -115,3 +116,51 @@ def load_pixels(data: bytes, size: tuple[int, int], mode: str = "pad", fill=CLIP
     replaces transparency (the tower's mean colour); `interpolation` is the tower's."""
     img = decode_rgb(data, fill=fill)
     return resize_to(img, size, mode, fill, interpolation), (img.size[1], img.size[0])
+
+
+# --- the torch image path's routing ---------------------------------------------------------
+# With --image-ops torch the prepare task leaves plain JPEGs encoded: the encoder actor decodes them
+# in batches on its device (stages.device_images). Everything else still comes through load_pixels
+# here, so every outcome and reason stays PIL's.
+
+EXIF_ORIENTATION = 0x0112
+# Huffman-coded sequential JPEGs (baseline and extended): what the hardware decoder of an A100 or H100
+# takes in batches. Progressive JPEGs would be decoded one at a time there, their Huffman stage on
+# the actor's one CPU core, so they stay with the prepare tasks, like arithmetic-coded and lossless ones.
+DEVICE_JPEG_SOF = (0xC0, 0xC1)
+
+
+def device_jpeg_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int] | None:
+    """(height, width) of a JPEG the torch image path may decode itself with the pixels decode_rgb
+    would give; None for anything that must go through decode_rgb instead: other formats, CMYK
+    and Adobe-marked JPEGs, progressive, 12-bit or arithmetic-coded ones, an EXIF orientation to apply, more
+    than `max_pixels`, bytes cut short (no end-of-image marker: PIL calls them corrupt) or a header
+    PIL cannot read. Reads the header only (about 20 us)."""
+    if not data.startswith(b"\xff\xd8\xff") or not data.endswith(b"\xff\xd9"):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            plain = (img.format == "JPEG" and img.mode in ("RGB", "L") and img.bits == 8 and "adobe" not in img.info
+                     and w * h <= max_pixels and img.getexif().get(EXIF_ORIENTATION, 1) == 1)
+    except Exception:  # whatever PIL makes of it, decode_rgb says so with its reason
+        return None
+    return (h, w) if plain and _sof_marker(data) in DEVICE_JPEG_SOF else None
+
+
+def _sof_marker(data: bytes) -> int | None:
+    """The start-of-frame marker of a JPEG (0xC0 baseline ... 0xCF), walking the header's segments."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # C4/C8/CC: tables, not frames
+            return marker
+        elif marker == 0xDA:  # scan data before any frame header
+            return None
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None

@@ -57,12 +57,13 @@ def encode_image(pixels: np.ndarray, image_format: str, jpeg_quality: int = 95) 
 
 
 def _check_pair(key: str, pair: PairImages, method: str | None = None, lam: float | None = None) -> None:
-    for name in ("winner", "loser"):
-        arr = getattr(pair, name)
-        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-            raise ValueError(f"{key}: {name} must be uint8 H x W x 3, got {arr.dtype} {arr.shape}")
-    if pair.winner.shape != pair.loser.shape:
-        raise ValueError(f"{key}: winner {pair.winner.shape} and loser {pair.loser.shape} differ")
+    if pair.encoded is None:  # pixels to encode here (actor-encoded pairs carry JPEG bytes instead)
+        for name in ("winner", "loser"):
+            arr = getattr(pair, name)
+            if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+                raise ValueError(f"{key}: {name} must be uint8 H x W x 3, got {arr.dtype} {arr.shape}")
+        if pair.winner.shape != pair.loser.shape:
+            raise ValueError(f"{key}: winner {pair.winner.shape} and loser {pair.loser.shape} differ")
     if pair.mask.dtype != np.uint8 or pair.mask.ndim != 2:
         raise ValueError(f"{key}: mask must be uint8 gh x gw, got {pair.mask.dtype} {pair.mask.shape}")
     problem = mask_problem(method, lam, None, pair.mask)  # the shard contract's rule (schemas.shard)
@@ -101,11 +102,14 @@ def _encode_pair(row: dict, pair: PairImages, image_format: str, jpeg_quality: i
     """Encode one ok sample's images, fill its row's image fields; returns its tar members."""
     key = row["key"]
     _check_pair(key, pair, row.get("method"), row.get("lam"))
-    encoded = {
-        "winner": encode_image(pair.winner, image_format, jpeg_quality),
-        "loser": encode_image(pair.loser, image_format, jpeg_quality),
-        "mask": encode_image(pair.mask, "png"),
-    }
+    if pair.encoded is not None:  # JPEGs the encoder actor made (--device-encode): packed as they are
+        if image_format != "jpg":
+            raise ValueError(f"{key}: actor-encoded images are JPEG, the output is {image_format}")
+        winner, loser = pair.encoded
+    else:
+        winner = encode_image(pair.winner, image_format, jpeg_quality)
+        loser = encode_image(pair.loser, image_format, jpeg_quality)
+    encoded = {"winner": winner, "loser": loser, "mask": encode_image(pair.mask, "png")}
     for part, data in encoded.items():
         row[f"{part}_sha256"] = hashlib.sha256(data).hexdigest()
     row["image_format"] = image_format

@@ -308,6 +308,25 @@ def test_ids_and_text_survive_as_data_and_keys_stay_valid(corpus_run):
     assert {r["source_id"] for r in records} >= {"a.b.c", "x/../y/z", "ünï/😀 id"}
 
 
+@pytest.mark.timeout(240)
+def test_torch_image_ops_give_every_input_the_same_row_and_pixels(corpus_run, tiny_model_config):
+    """--image-ops torch: plain JPEGs are decoded in the encoder actor; everything else (CMYK,
+    16-bit, palette, EXIF-rotated, PNG, truncated or oversize JPEGs) still goes through PIL in the
+    prepare task. Every row gets the pil run's status and error, and every winner its pixels."""
+    _, pil_out, entries = corpus_run
+    base = pil_out.parent
+    out = base / "out-torch"
+    result = generate(config(tiny_model_config, base / "corpus.json", out, image_root=str(base / "root"),
+                             image_ops="torch"))
+    assert result.ok and validate_output(out) == []
+    fields = ("source_id", "status", "error", "orig_size", "partner_key", "lam", "kept_patches")
+    assert [[r[f] for f in fields] for r in read_rows(out)] == [[r[f] for f in fields] for r in read_rows(pil_out)]
+    got, ref = winners(out), winners(pil_out)
+    assert sorted(got) == sorted(ref) and all(np.array_equal(got[k], ref[k]) for k in ref)
+    stats = json.loads((out / "shards" / "000000_stats.json").read_text())
+    assert stats["images"] == {"host_decoded": 9, "device_decoded": 9, "device_refused": 0, "failed": 0}
+
+
 # --- other readers -------------------------------------------------------------------------
 
 

@@ -97,3 +97,33 @@ def test_train_help_shows_the_train_config_defaults():
     for flag, name in (("--steps", "steps"), ("--lr", "lr"), ("--max-length", "max_length"), ("--margin-from", "margin_from")):
         assert flag in text and f"[{defaults[name]}]" in text, flag
     assert "--text-only-rows" in text and "--no-text-only-rows" not in text
+
+
+def test_the_image_path_as_resolved_is_in_the_fingerprint():
+    """pil (whether asked for or chosen by auto) hashes as before --image-ops existed, so outputs of
+    earlier versions still resume (the values below were computed before it); torch and actor-side
+    encoding are other outputs; --compile is run-only."""
+    base = {"input": "/data/x.json", "output": "out"}
+    fp = GenerateConfig.build(base).fingerprint("d")
+    assert fp == "cd8dedacd91a4498"
+    assert GenerateConfig.build(base | {"image_format": "png"}).fingerprint("d") == "f07366c064cbf339"
+    for same in ({"image_ops": "pil"}, {"compile": True}, {"image_ops": "auto", "device": "cuda"}):
+        assert GenerateConfig.build(base | same).fingerprint("d", image_ops="pil") == fp, same
+    torch_fp = GenerateConfig.build(base | {"image_ops": "torch"}).fingerprint("d")
+    assert torch_fp != fp and GenerateConfig.build(base).fingerprint("d", image_ops="torch") == torch_fp
+    encoded = GenerateConfig.build(base | {"image_ops": "torch", "device_encode": True}).fingerprint("d")
+    assert encoded not in (fp, torch_fp)
+    for bad, needle in (({"device_encode": True, "image_format": "png"}, "--image-format jpg"),
+                        ({"device_encode": True, "image_ops": "pil"}, "--image-ops torch"),
+                        ({"image_ops": "gpu"}, "--image-ops")):
+        with pytest.raises(UserError, match=needle):
+            GenerateConfig.build(base | bad)
+
+
+def test_auto_image_ops_follow_the_device():
+    from pipeline.distribute import resolve_image_ops
+
+    assert resolve_image_ops("auto", "cuda", None) == "torch" and resolve_image_ops("auto", "cpu", None) == "pil"
+    assert resolve_image_ops("pil", "cuda", None) == "pil" and resolve_image_ops("torch", "cpu", None) == "torch"
+    with pytest.raises(UserError, match="--image-ops torch"):
+        resolve_image_ops("auto", "cpu", None, device_encode=True)

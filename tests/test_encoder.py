@@ -171,3 +171,57 @@ def test_cuda_autocast_close_to_fp32(tiny_model_config, precision):
     ref = cpu.saliency_from_pixels(pixels).grid
     got = gpu.saliency_from_pixels(pixels).grid.cpu()
     torch.testing.assert_close(got, ref, atol=2e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("prop_attn", [False, True])
+def test_merged_blocks_use_fused_attention_and_never_wait_for_the_host(tiny_model_config, prop_attn):
+    """Every block before the saliency layer runs its attention through scaled_dot_product_attention
+    (no token x token map is materialised; only the saliency block's CLS row is computed by hand), and
+    nothing in the forward reads a value back to the host (.item(), int(t), bool(t): the op
+    aten._local_scalar_dense), which would stall a GPU once per block."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.shapes = Counter(), []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.ops[str(func.overloadpacket)] += 1
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.shapes.append((str(func), tuple(t.shape)))
+            return out
+
+    enc = load_encoder(str(tiny_model_config), "none", merge=16, prop_attn=prop_attn)
+    pixels = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with Record() as rec:
+        sal = enc.saliency_from_pixels(pixels)
+    tokens = set(sal.tokens_per_layer)  # 65, 57, 49: token counts entering each block
+    assert rec.ops["aten._local_scalar_dense"] == 0
+    fused = sum(n for op, n in rec.ops.items() if "scaled_dot_product" in op)
+    assert fused == enc.attn_layer == 2  # one per merged block
+    square = [(op, s) for op, s in rec.shapes if len(s) >= 2 and s[-1] == s[-2] and s[-1] in tokens]
+    assert square == []
+
+
+def test_compiled_blocks_give_the_eager_saliency(tiny_model_config, monkeypatch):
+    """--compile: the same graph through torch.compile (aot_eager here: the capture without the C++
+    build) gives the eager saliency and source map, and the decider keeps one batch shape."""
+    from stages.decide import UnitDecider
+
+    monkeypatch.setenv("MERGEMIX_COMPILE_BACKEND", "aot_eager")
+    enc = load_encoder(str(tiny_model_config), "none", merge=16)
+    pixels = torch.randint(0, 256, (5, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    decider = UnitDecider(enc, method="mergemix", lam="beta:1.0", lam_mode="area", seed=0, batch_size=4, describe={})
+    eager = decider.saliency(pixels)
+    enc.enable_compile()
+    run, batches = enc._run, []
+    enc._run = lambda images, from_pixels: batches.append(len(images)) or run(images, from_pixels)
+    compiled = decider.saliency(pixels)
+    assert batches == [4, 4]  # the last batch of 1 filled up with copies: no second graph
+    torch.testing.assert_close(compiled[0], eager[0], atol=1e-6, rtol=1e-5)
+    assert torch.equal(compiled[2], eager[2]) and compiled[0].shape == (5, 8, 8)

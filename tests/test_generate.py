@@ -29,7 +29,10 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # --compile in these tests: aot_eager, the same graph capture without inductor's C++ build
+    # (half a minute on a cold CI machine).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"MERGEMIX_COMPILE_BACKEND": "aot_eager"}})
     yield
     ray.shutdown()
 
@@ -345,3 +348,88 @@ def test_every_method_is_written_and_validates(tiny_model_config, demo, tmp_path
     if method in ("cutmix", "resizemix"):  # the box decides the ratio: the row's lam is the area kept
         assert all(r["lam"] == r["lam_hat"] for r in rows)
     assert make_contact_sheet(out, 3, tmp_path / "preview.png").is_file()
+
+
+# --- the torch image path (--image-ops torch, --device-encode, --compile) through the CLI ----------
+
+
+def run_cli(tiny_model_config, demo, out, *flags):
+    """`generate` as the command line runs it, in this process (on the module's Ray)."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    args = ["generate", "--input", str(demo / "llava.json"), "--image-root", str(demo), "--output", str(out),
+            "--model", str(tiny_model_config), "--pretrained", "none", "--merge", "16", "--samples-per-shard", "5",
+            "--batch-size", "3", "--seed", "2", "--no-progress", *flags]
+    return CliRunner().invoke(app, args, catch_exceptions=False)
+
+
+def _fitted(demo, row) -> np.ndarray:
+    from stages.preprocess import load_pixels
+
+    return load_pixels((demo / "images" / f"{row['source_id'][5:]}.jpg").read_bytes(), (64, 64), "pad")[0]
+
+
+def test_cli_torch_image_ops_keep_the_invariants_and_the_pil_pixels(tiny_model_config, demo, tmp_path):
+    """--image-ops torch: the actor decodes and fits the JPEGs. Stored winner = the encoder's input
+    (the saliency recomputed from it is the row's), loser = the mask's selection, lam_hat = the mask's
+    area; on CPU the winners are the pil path's pixels, bit for bit. The image path is recorded in
+    run.json, the unit stats and the fingerprint: a pil resume of it is refused."""
+    import torch
+
+    from stages.compose import compose_loser
+    from stages.tower import load_encoder
+
+    out = tmp_path / "out"
+    proc = run_cli(tiny_model_config, demo, out, "--image-ops", "torch", "--image-format", "png")
+    assert proc.exit_code == 0, proc.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["image_ops"] == "torch" and run["config"]["image_ops"] == "torch"
+    stats = [json.loads(p.read_text()) for p in sorted((out / "shards").glob("*_stats.json"))]
+    assert sum(s["images"]["device_decoded"] for s in stats) == 14
+    members = tar_members(out)
+    encoder = load_encoder(str(tiny_model_config), "none", merge=16)
+    ok = [r for r in read_rows(out).to_pylist() if r["status"] == "ok"]
+    assert len(ok) == 14
+    for r in ok:
+        winner, loser = decode(members[f"{r['key']}.winner.png"]), decode(members[f"{r['key']}.loser.png"])
+        mask = decode(members[f"{r['key']}.mask.png"])
+        assert np.array_equal(winner, _fitted(demo, r))
+        sal = encoder.saliency_from_pixels(torch.from_numpy(winner[None].copy())).grid.flatten()
+        np.testing.assert_allclose(r["saliency"], sal.numpy(), rtol=1e-5, atol=1e-7)
+        assert np.array_equal(loser, compose_loser(winner, decode(members[f"{r['partner_key']}.winner.png"]), mask))
+        assert r["lam_hat"] == (mask == 255).mean() == r["kept_patches"] / 64
+    refused = run_cli(tiny_model_config, demo, out, "--image-ops", "pil", "--image-format", "png")
+    assert refused.exit_code == 2 and "different configuration" in refused.output
+
+
+def test_cli_device_encode_and_compile_give_the_write_tasks_bytes(tiny_model_config, demo, tmp_path):
+    """--device-encode on CPU encodes in the actor with the writer's own encoder: the tars hold the
+    bytes a write task makes of the pil path's pixels. --compile gives the eager saliency. Flags
+    that cannot work together are one line each."""
+    import torch
+
+    from stages.compose import compose_loser
+    from stages.tower import load_encoder
+    from stages.writer import encode_image
+
+    out = tmp_path / "out"
+    proc = run_cli(tiny_model_config, demo, out, "--image-ops", "torch", "--device-encode", "--compile")
+    assert proc.exit_code == 0, proc.output
+    members = tar_members(out)
+    ok = [r for r in read_rows(out).to_pylist() if r["status"] == "ok"]
+    winners = {r["key"]: _fitted(demo, r) for r in ok}
+    encoder = load_encoder(str(tiny_model_config), "none", merge=16)
+    for r in ok:
+        loser = compose_loser(winners[r["key"]], winners[r["partner_key"]], decode(members[f"{r['key']}.mask.png"]))
+        assert members[f"{r['key']}.winner.jpg"] == encode_image(winners[r["key"]], "jpg", 95)
+        assert members[f"{r['key']}.loser.jpg"] == encode_image(loser, "jpg", 95)
+        sal = encoder.saliency_from_pixels(torch.from_numpy(winners[r["key"]][None].copy())).grid.flatten()
+        np.testing.assert_allclose(r["saliency"], sal.numpy(), rtol=1e-5, atol=1e-7)
+    stats = json.loads((out / "shards" / "000000_stats.json").read_text())
+    assert stats["timings"]["device_encode_s"] > 0 and stats["images"]["device_decoded"] == 5
+    wrong = run_cli(tiny_model_config, demo, tmp_path / "x", "--device-encode", "--image-format", "png")
+    assert wrong.exit_code == 2 and "--image-format jpg" in wrong.output
+    auto_pil = run_cli(tiny_model_config, demo, tmp_path / "y", "--device-encode")  # auto picks pil on CPU
+    assert auto_pil.exit_code == 2 and "--image-ops torch" in auto_pil.output

@@ -46,6 +46,17 @@ RUNS |= {
     "mergemix-webp-w1": {"method": "mergemix", "image_format": "webp"},
     "cutmix-png-w2": {"method": "cutmix", "workers": 2},
 }
+# The torch image path (JPEGs decoded and fitted in the encoder actor, --device-encode: encoded there).
+# On CPU its decode is libjpeg's and its resampling Pillow's, exactly: each run must also write the
+# bytes of its pil twin.
+TORCH_TWINS = {
+    "torch-mergemix-png-w1": ("mergemix-png-w1", {"method": "mergemix", "image_ops": "torch"}),
+    "torch-mergemix-jpg-w2": ("mergemix-jpg-w2", {"method": "mergemix", "image_format": "jpg", "workers": 2,
+                                                  "image_ops": "torch"}),
+    "torch-encode-mergemix-jpg-w1": ("mergemix-jpg-w1", {"method": "mergemix", "image_format": "jpg",
+                                                         "image_ops": "torch", "device_encode": True}),
+}
+RUNS |= {name: flags for name, (_, flags) in TORCH_TWINS.items()}
 
 
 def environment() -> dict:
@@ -114,3 +125,5 @@ def test_output_bytes_unchanged(name, tiny_model_config, demo, tmp_path, recorde
                     "record them here with MERGEMIX_UPDATE_DIGESTS=1 before a refactor")
     assert name in recorded["runs"], f"no digest recorded for {name}: run with MERGEMIX_UPDATE_DIGESTS=1"
     assert digest == recorded["runs"][name], f"{name}: output bytes changed"
+    if name in TORCH_TWINS:
+        assert digest == recorded["runs"][TORCH_TWINS[name][0]], f"{name}: not the bytes of the pil path"
