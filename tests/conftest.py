@@ -16,6 +16,16 @@ TINY_MODEL_CONFIG = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices gain nothing from a second thread, and lose much on a busy 2-core machine:
+    training tests run with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_config(tmp_path_factory) -> Path:
     """Path to an open_clip model-config JSON for the tiny tower."""

@@ -62,20 +62,25 @@ def test_ray_job_submit_to_a_token_auth_head(tiny_model_config, demo, tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="mmray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_ADDRESS="")
     env.pop("RAY_ADDRESS")
-    gcs, dashboard = free_port(), free_port()
+    gcs, dashboard, agent_http, agent_grpc, runtime_env, metrics, client = (free_port() for _ in range(7))
+    # Every port of the head is a free one: the agent's defaults (52365, ...) may be held by another
+    # Ray on the machine, and a job agent that cannot bind answers "No available agent" for ever.
     start = [RAY, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp_dir}",
              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+             f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+             f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
              "--disable-usage-stats"]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
     try:
         out = tmp_path / "job-out"
         submit = [RAY, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(REPO), "--",
                   sys.executable, "-m", "pipeline.cli", "generate", "--no-progress", *generate_args(tiny_model_config, demo, out)]
-        for _ in range(20):  # the head's job agent comes up a few seconds after `ray start` returns
+        deadline = time.monotonic() + 180  # the head's job agent comes up seconds after `ray start` returns
+        while True:
             job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
             said = job.stdout + job.stderr
             if job.returncode == 0 or not any(m in said for m in ("No available agent", "Connection aborted",
-                                                                   "Connection refused")):
+                                                                   "Connection refused")) or time.monotonic() > deadline:
                 break
             time.sleep(3)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
@@ -98,19 +103,21 @@ def test_ray_job_submit_to_a_token_auth_head(tiny_model_config, demo, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         outputs_equal(out, local)
     finally:
-        stop_head(temp_dir)
+        stop_head(temp_dir, env["RAY_AUTH_TOKEN"])
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def stop_head(temp_dir: str) -> None:
-    """Kill the processes of this test's head only (their command lines name its temp dir);
+def stop_head(temp_dir: str, token: str) -> None:
+    """Kill the processes of this test's head only: their command lines name its temp dir, or
+    (the agents retitle themselves "ray::DashboardAgent") their environment holds its token.
     `ray stop` would kill every Ray on the machine, other test runs' included."""
+    marks = (temp_dir.encode(), f"RAY_AUTH_TOKEN={token}".encode())
     for _ in range(3):
         pids = []
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        for proc in Path("/proc").glob("[0-9]*"):
             try:
-                if temp_dir.encode() in cmdline.read_bytes():
-                    pids.append(int(cmdline.parent.name))
+                if marks[0] in (proc / "cmdline").read_bytes() or marks[1] in (proc / "environ").read_bytes():
+                    pids.append(int(proc.name))
             except OSError:
                 continue
         for pid in pids:

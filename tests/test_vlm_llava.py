@@ -37,12 +37,7 @@ TOKENIZERS = {"auto": ("AutoTokenizer", False), "llama-legacy": ("LlamaTokenizer
 TEMPLATES = {"llava-hf-template": LLAVA_HF_CHAT_TEMPLATE, "no-template": None}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
