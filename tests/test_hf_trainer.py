@@ -121,3 +121,24 @@ def test_two_processes_under_torchrun(shards, tmp_path):
         capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 0, run.stderr[-3000:]
     assert "rewards/accuracies" in run.stdout + run.stderr and (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_text_only_rows_train_sft_only_through_the_trainer(tmp_path):
+    """ShardDataset(text_only=True) through PairCollator: text-only rows carry every turn, no image,
+    and a batch of them alone scores SFT only (no SimPO pair), as `train --text-only-rows` does."""
+    from tests.test_loader_compat import text_only_output
+
+    samples = list(ShardDataset(text_only_output(tmp_path / "out"), text_only=True))
+    batch = PairCollator()(samples[:3])
+    assert batch["has_image"].tolist() == [False, True, True]
+    assert batch["turns"][0] == [("Tell me 0.", "First."), ("And then?", "Second.")]
+    assert batch["winner"][0].abs().sum() == 0
+    model, processor = tiny(tmp_path)
+    trainer = MergeMixTrainer(model=model, args=arguments(tmp_path, max_steps=1), processor=processor)
+    model.eval()
+    with torch.no_grad():
+        mixed = trainer.compute_loss(model, batch)
+        text_only = trainer.compute_loss(model, PairCollator()(samples[:1]))
+    assert torch.isfinite(mixed) and torch.isfinite(text_only)
+    assert trainer._pair_metrics["eval"]["counts/pairs"] == [2, 0]
+    assert trainer._pair_metrics["eval"]["counts/sft_only"] == [1, 1]
