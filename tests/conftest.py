@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +83,29 @@ def direct_cls_attention(visual, x, layer):
         y = block.ln_1(h)
         _, weights = block.attn(y, y, y, need_weights=True, average_attn_weights=False)
     return weights[:, :, 0, 1:].sum(dim=1)  # (B, L)
+
+
+def local_ray(env: dict | None = None, runtime_env: dict | None = None):
+    """The body of a module's Ray fixture (`yield from local_ray(...)`): a local cluster of 2 CPUs
+    and no dashboard. address="local" never attaches to another Ray running on this machine.
+    `env` goes into os.environ before the start, so Ray's workers and the CLI subprocesses a test
+    starts inherit it, and is removed after."""
+    import ray
+
+    os.environ.update(env or {})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        for name in env or {}:
+            os.environ.pop(name, None)
+
+
+def sample_demo(tmp_path_factory, n: int, seed: int, name: str = "demo") -> Path:
+    """A folder with a LLaVA-format JSON of n generated pictures (stages.sample_data)."""
+    from stages.sample_data import write_sample_data
+
+    root = tmp_path_factory.mktemp(name)
+    write_sample_data(root, n=n, seed=seed)
+    return root

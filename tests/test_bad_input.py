@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 from PIL import Image
 
 from pipeline.config import GenerateConfig
@@ -28,7 +27,7 @@ from pipeline.run import generate
 from stages.preprocess import CLIP_MEAN_RGB, decode_rgb
 from stages.read import InputError
 from stages.validate import validate_output
-from tests.conftest import make_image
+from tests.conftest import local_ray, make_image
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)  # every test here runs with the module's Ray up
@@ -36,10 +35,7 @@ pytestmark = pytest.mark.timeout(300)  # every test here runs with the module's 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
-    # address="local": never attach to another Ray that happens to run on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    yield from local_ray()
 
 
 # --- corpus builders ----------------------------------------------------------------------

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from typer.testing import CliRunner
 
@@ -29,8 +28,8 @@ from pipeline.actor import FAULTS_ENV
 from pipeline.distribute import UNIT_RETRIES
 from pipeline.run import generate
 from stages.errors import UserError
-from stages.sample_data import write_sample_data
 from stages.validate import validate_output
+from tests.conftest import local_ray, sample_demo
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)  # every test here runs with the module's Ray up
@@ -44,19 +43,12 @@ def faults(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local(faults):
-    # The variable must be set before Ray starts: worker processes inherit the driver's environment.
-    os.environ[FAULTS_ENV] = str(faults)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-    del os.environ[FAULTS_ENV]
+    yield from local_ray({FAULTS_ENV: str(faults)})  # the hook reads it in the workers
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    write_sample_data(root, n=12, seed=11)
-    return root
+    return sample_demo(tmp_path_factory, n=12, seed=11)
 
 
 def flags(tiny_model_config, demo: Path, out: Path) -> dict:

@@ -13,16 +13,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 from PIL import Image
 
 from pipeline.config import GenerateConfig
 from pipeline.run import generate
 from stages.errors import UserError
 from stages.methods import METHODS
-from stages.sample_data import write_sample_data
 from stages.validate import validate_output
-from tests.conftest import make_image
+from tests.conftest import local_ray, make_image, sample_demo
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -31,17 +29,12 @@ pytestmark = pytest.mark.timeout(300)
 def ray_local():
     # --compile in these tests: aot_eager, the same graph capture without inductor's C++ build
     # (half a minute on a cold CI machine).
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"MERGEMIX_COMPILE_BACKEND": "aot_eager"}})
-    yield
-    ray.shutdown()
+    yield from local_ray(runtime_env={"env_vars": {"MERGEMIX_COMPILE_BACKEND": "aot_eager"}})
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    write_sample_data(root, n=14, seed=3)
-    return root
+    return sample_demo(tmp_path_factory, n=14, seed=3)
 
 
 def config(tiny_model_config, input, output, **kw) -> GenerateConfig:

@@ -26,9 +26,9 @@ from stages.lease import Lease
 from stages.training.loader import ShardDataset
 from stages.preview import make_contact_sheet
 from stages.report import inspect_output
-from stages.sample_data import write_sample_data
 from stages.storage import open_store
 from stages.validate import validate_output
+from tests.conftest import local_ray, sample_demo
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
@@ -42,18 +42,12 @@ def faults(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local(faults):
-    os.environ[FAULTS_ENV] = str(faults)  # inherited by the workers: the hook reads it there
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-    del os.environ[FAULTS_ENV]
+    yield from local_ray({FAULTS_ENV: str(faults)})  # the hook reads it in the workers
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    write_sample_data(root, n=11, seed=8)
-    return root
+    return sample_demo(tmp_path_factory, n=11, seed=8)
 
 
 @pytest.fixture(scope="module")

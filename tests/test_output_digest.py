@@ -23,14 +23,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 
 from pipeline.config import GenerateConfig
 from pipeline.run import generate
 from stages.methods import METHODS
-from stages.sample_data import write_sample_data
 from stages.validate import validate_output
+from tests.conftest import local_ray, sample_demo
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -65,16 +64,12 @@ def environment() -> dict:
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    yield from local_ray()
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("digest-demo")
-    write_sample_data(root, n=13, seed=11)
-    return root
+    return sample_demo(tmp_path_factory, n=13, seed=11, name="digest-demo")
 
 
 @pytest.fixture(scope="module")

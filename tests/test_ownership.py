@@ -3,13 +3,10 @@ resume and --overwrite; a foreign run.json is refused; validate catches a unit o
 run; train refuses an unfinished output unless told to take a fixed set of its units."""
 from __future__ import annotations
 
-import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
-import ray
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -17,25 +14,21 @@ from pipeline.config import GenerateConfig
 from pipeline.run import generate
 from stages.errors import UserError
 from stages.lease import Lease
-from stages.sample_data import write_sample_data
 from stages.validate import validate_output
 from stages.storage import LocalStore
+from tests.conftest import local_ray, sample_demo
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    yield from local_ray()
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    write_sample_data(root, n=9, seed=4)
-    return root
+    return sample_demo(tmp_path_factory, n=9, seed=4)
 
 
 def cfg(tiny_model_config, demo, out, **kw) -> GenerateConfig:

@@ -2,7 +2,6 @@
 exact pixels the encoder will see; a bad input costs its row, never the unit."""
 from __future__ import annotations
 
-import io
 
 import numpy as np
 from PIL import Image

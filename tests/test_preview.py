@@ -12,7 +12,7 @@ from PIL import Image
 from stages.errors import UserError
 from stages.preview import PAD, TEXT_W, TILE_H, make_contact_sheet, mask_overlay
 from stages.writer import write_unit
-from tests.shard_fixtures import GRID, H, PATCH, W, make_output, unit_rows
+from tests.shard_fixtures import H, PATCH, W, make_output, unit_rows
 
 CLI = str(Path(sys.executable).with_name("mergemix-pipeline"))
 TILE_W = W * TILE_H // H  # tiles keep the aspect ratio
