@@ -116,6 +116,16 @@ def read_run_file(store, name: str = RUN_FILE) -> dict | None:
     return parsed
 
 
+def require_finished(store, where, allow_partial: bool, partial_action: str) -> list[str]:
+    """Why the output is not a finished run (empty when it is), refused in one line unless
+    `allow_partial`; `partial_action` says what --allow-partial then does."""
+    reasons = unfinished(store)
+    if reasons and not allow_partial:
+        raise UserError(f"{where} is not a finished generate run: {'; '.join(reasons)}; let generate finish "
+                        f"(or rerun it), or pass --allow-partial to {partial_action}")
+    return reasons
+
+
 def unfinished(store) -> list[str]:
     """Why an output is not a finished `generate` run (empty when it is): what `train`
     refuses without --allow-partial."""

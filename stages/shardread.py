@@ -35,6 +35,11 @@ class ShardRef:
     def where(self) -> str:
         return f"{self.store.url.rstrip('/')}/{self.name}"
 
+    @property
+    def parquet_name(self) -> str:
+        """The Parquet file the writer puts beside this tar (same stem)."""
+        return self.name[: -len(".tar")] + ".parquet"
+
     def open(self) -> BinaryIO:
         return self.store.open_read(self.name)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from stages.errors import UserError
 from stages.export import hf, llava, swift
 from stages.export.pairs import Pairs
-from stages.outdir import committed_units, unfinished
+from stages.outdir import committed_units, require_finished
 from stages.shardread import output_store
 from stages.storage import is_url, local_path
 
@@ -54,10 +54,7 @@ def check_dest(dest, out) -> Path:
 
 def export_units(store, out, allow_partial: bool, echo=print) -> dict[int, dict]:
     """The committed units to export: all of a finished output; those committed now with allow_partial."""
-    reasons = unfinished(store)
-    if reasons and not allow_partial:
-        raise UserError(f"{out} is not a finished generate run: {'; '.join(reasons)}; let generate finish "
-                        "(or rerun it), or pass --allow-partial to export the units committed now")
+    reasons = require_finished(store, out, allow_partial, "export the units committed now")
     units = committed_units(store)
     if not any(st["tar"]["nsamples"] for st in units.values()):
         raise UserError(f"{out} holds no pairs to export (no committed unit has an ok sample); `inspect` it to see why")

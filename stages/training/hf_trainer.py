@@ -102,13 +102,14 @@ class PairCollator:
             winners, losers = [r["winner"] for r in rows], [r["loser"] for r in rows]
         else:
             winners, losers = [r["images"][0] for r in rows], [r["rejected_images"][0] for r in rows]
-        has_image = [x is not None for x in winners]
-        like = next((_pixels(x) for x in winners if x is not None), torch.zeros(3, 1, 1))
+        winners = [None if x is None else _pixels(x) for x in winners]
+        losers = [None if x is None else _pixels(x) for x in losers]
+        blank = torch.zeros_like(next((x for x in winners if x is not None), torch.zeros(3, 1, 1)))  # text-only rows
         return {
-            "winner": torch.stack([_pixels(x) if x is not None else torch.zeros_like(like) for x in winners]),
-            "loser": torch.stack([_pixels(x) if x is not None else torch.zeros_like(like) for x in losers]),
+            "winner": torch.stack([blank if x is None else x for x in winners]),
+            "loser": torch.stack([blank if x is None else x for x in losers]),
             "turns": [pair_turns(r) for r in rows],
-            "has_image": torch.tensor(has_image),
+            "has_image": torch.tensor([x is not None for x in winners]),
             "margin": torch.tensor([float(r["margin"]) for r in rows]),
             "lam": torch.tensor([float(r["lam"]) for r in rows]),
         }

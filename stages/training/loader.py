@@ -51,12 +51,8 @@ def rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _parquet_name(ref: ShardRef) -> str:
-    return ref.name[: -len(".tar")] + ".parquet"
-
-
 def _parquet_where(ref: ShardRef) -> str:
-    return ref.where[: -len(".tar")] + ".parquet"
+    return f"{ref.store.url.rstrip('/')}/{ref.parquet_name}"
 
 
 class ShardDataset(IterableDataset):
@@ -158,10 +154,9 @@ class ShardDataset(IterableDataset):
 
     def _text_only_rows(self, ref: ShardRef) -> list[dict]:
         """The shard's text-only rows (skipped for having no image), from its Parquet file."""
-        name = _parquet_name(ref)
-        if not ref.store.is_file(name):
+        if not ref.store.is_file(ref.parquet_name):
             raise UserError(f"{_parquet_where(ref)} is missing: text-only rows are read from the Parquet file next to each tar")
-        rows = read_parquet(ref.store, name, columns=TEXT_COLUMNS).to_pylist()
+        rows = read_parquet(ref.store, ref.parquet_name, columns=TEXT_COLUMNS).to_pylist()
         return [r for r in rows if r["status"] == "skipped" and (r["error"] or "").startswith("no_image")]
 
     def entries(self, ref: ShardRef):

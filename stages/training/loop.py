@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from schemas.layout import SHARDS_DIR, shard_name, tar_name
 from stages.errors import UserError
-from stages.outdir import committed_units, unfinished
+from stages.outdir import committed_units, require_finished
 from stages.storage import open_store
 from stages.training.config import TrainConfig
 from stages.training.loader import ShardBatches, ShardDataset, collate_pairs, collated, rank_world
@@ -55,19 +55,19 @@ def training_shards(cfg: TrainConfig, echo=print):
     if not store.is_dir(SHARDS_DIR):
         return cfg.shards  # not an output: the loader says what is wrong with it
     if cfg.partial_units is None:
-        reasons = unfinished(store)
+        reasons = require_finished(store, out, cfg.allow_partial, "train on the units committed now")
         if not reasons:
             return cfg.shards
-        if not cfg.allow_partial:
-            raise UserError(f"{out} is not a finished generate run: {'; '.join(reasons)}; let generate finish "
-                            "(or rerun it), or pass --allow-partial to train on the units committed now")
-        cfg.partial_units = sorted(committed_units(store))
+        committed = committed_units(store)
+        cfg.partial_units = sorted(committed)
         if not cfg.partial_units:
             raise UserError(f"{out} has no committed units yet")
         names = [shard_name(u) for u in cfg.partial_units]
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         echo(f"training on {len(names)} committed units ({shown}) of an unfinished output: {'; '.join(reasons)}")
-    missing = [u for u in cfg.partial_units if u not in committed_units(store)]
+    else:
+        committed = committed_units(store)  # listed once: on an object store each listing is a request
+    missing = [u for u in cfg.partial_units if u not in committed]
     if missing:
         raise UserError(f"units {', '.join(map(shard_name, missing))} of this run's fixed set are no longer committed in {out}")
     return [f"{out}/{SHARDS_DIR}/{tar_name(u)}" for u in cfg.partial_units]
