@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -368,26 +369,31 @@ def test_a_unit_that_stalls_every_time_is_recorded_and_the_run_ends(tiny_model_c
 # --- one run per output ----------------------------------------------------------------------
 
 
-def _start_held_run(tiny_model_config, demo, out, faults, log_path):
-    """A `generate` in its own process, parked in unit 2 once unit 0 is committed."""
+@contextmanager
+def held_run(tiny_model_config, demo, out, faults, log_path):
+    """A `generate` in its own process, parked in unit 2 once unit 0 is committed; killed on the
+    way out if it is still running."""
     (faults / "hold-2").touch()
-    log = open(log_path, "w")
-    proc = subprocess.Popen(PYTHON_CLI + cli_args(tiny_model_config, demo, out), env=cli_env(faults), cwd=REPO,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 200
-    while not ((out / "shards" / "000000_stats.json").exists() and attempts(faults)[2]):
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        assert time.monotonic() < deadline, "the run never reached unit 2"
-        time.sleep(0.1)
-    return proc, log
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(PYTHON_CLI + cli_args(tiny_model_config, demo, out), env=cli_env(faults), cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 200
+            while not ((out / "shards" / "000000_stats.json").exists() and attempts(faults)[2]):
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the run never reached unit 2"
+                time.sleep(0.1)
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.mark.timeout(300)
 def test_a_second_run_on_the_same_output_is_refused_naming_the_first(tiny_model_config, demo, reference, tmp_path):
     out, faults = tmp_path / "out", tmp_path / "faults"
     faults.mkdir()
-    proc, log = _start_held_run(tiny_model_config, demo, out, faults, tmp_path / "first.log")
-    try:
+    with held_run(tiny_model_config, demo, out, faults, tmp_path / "first.log") as proc:
         for extra in ({"seed": 6}, {}):  # another config, and the very same command
             second = run_cli(cli_args(tiny_model_config, demo, out, **extra))
             assert second.exit_code == 2, second.output[-2000:]
@@ -395,10 +401,6 @@ def test_a_second_run_on_the_same_output_is_refused_naming_the_first(tiny_model_
             assert "is being written by another generate" in last and f"pid {proc.pid}" in last, last
         (faults / "hold-2").unlink()
         assert proc.wait(timeout=120) == 0, (tmp_path / "first.log").read_text()[-3000:]
-    finally:
-        log.close()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert_same_output(out, reference)  # the first run's output, untouched by the refused ones
 
 
@@ -406,14 +408,10 @@ def test_a_second_run_on_the_same_output_is_refused_naming_the_first(tiny_model_
 def test_sigint_says_one_line_and_the_rerun_completes(tiny_model_config, demo, reference, tmp_path):
     out, faults = tmp_path / "out", tmp_path / "faults"
     faults.mkdir()
-    proc, log = _start_held_run(tiny_model_config, demo, out, faults, tmp_path / "run.log")
-    try:
+    with held_run(tiny_model_config, demo, out, faults, tmp_path / "run.log") as proc:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 130
-    finally:
-        log.close()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        code = proc.wait(timeout=60)
+    assert code == 130, (tmp_path / "run.log").read_text()[-3000:]
     text = (tmp_path / "run.log").read_text()
     after = text[text.index("interrupted:"):]
     assert "Traceback" not in text and "Unhandled error" not in text and len(after.strip().splitlines()) == 1, after

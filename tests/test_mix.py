@@ -304,15 +304,20 @@ def test_cutmix_box_is_grid_aligned_and_close_to_lam():
     assert torch.equal(r.lam, r.kept)  # the recorded lam is the area kept after clipping, as CutMix adjusts it
 
 
+def many_losers(method: str, pixel_seed: int, n: int = 500, grid=(24, 24)):
+    """(lam, losers) of `method` for n random 24 x 24 images with 1-pixel patches: enough draws
+    for the statistics of where boxes land."""
+    keys = [f"{i:06d}" for i in range(n)]
+    pixels = torch.from_numpy(np.random.default_rng(pixel_seed).integers(0, 256, (n, *grid, 3), dtype=np.uint8))
+    lam = torch.from_numpy(mix.sample_lams(mix.LamSpec("beta", 1.0), SEED, keys))
+    return lam, mix.make_losers(method, pixels, torch.from_numpy(mix.derangement(keys, SEED)), lam, grid=grid,
+                                patch=(1, 1), keys=keys, seed=SEED)
+
+
 def test_cutmix_centres_are_uniform_so_boxes_reach_the_border_and_are_clipped():
     """Standard CutMix: the box centre is uniform over the image and the box is clipped at the
     border, so boxes reach the edges and corners; the kept area is still exact on the grid."""
-    n, grid = 500, (24, 24)
-    keys = [f"{i:06d}" for i in range(n)]
-    pixels = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (n, *grid, 3), dtype=np.uint8))
-    lam = torch.from_numpy(mix.sample_lams(mix.LamSpec("beta", 1.0), SEED, keys))
-    r = mix.make_losers("cutmix", pixels, torch.from_numpy(mix.derangement(keys, SEED)), lam, grid=grid,
-                        patch=(1, 1), keys=keys, seed=SEED)
+    lam, r = many_losers("cutmix", pixel_seed=1)
     box = r.mask == 0
     touches = [box[:, 0].any(1), box[:, -1].any(1), box[:, :, 0].any(1), box[:, :, -1].any(1)]
     assert all(int(t.sum()) > 50 for t in touches)  # every edge is reached (a box kept inside never would be)
@@ -351,12 +356,7 @@ def test_resizemix_puts_resized_partner_in_box():
 def test_resizemix_tau_is_the_side_scale_so_the_mean_pasted_area_is_e_tau_squared():
     """tau ~ U(0.1, 0.8) scales the partner's side (ResizeMix, openmixup): pasted area tau^2,
     E[tau^2] = (0.8^3 - 0.1^3) / (3 * 0.7) = 0.2433 (using tau as the area gave 0.44)."""
-    n, grid = 500, (24, 24)
-    keys = [f"{i:06d}" for i in range(n)]
-    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (n, *grid, 3), dtype=np.uint8))
-    lam = torch.from_numpy(mix.sample_lams(mix.LamSpec("beta", 1.0), SEED, keys))
-    r = mix.make_losers("resizemix", pixels, torch.from_numpy(mix.derangement(keys, SEED)), lam, grid=grid,
-                        patch=(1, 1), keys=keys, seed=SEED)
+    _, r = many_losers("resizemix", pixel_seed=0)
     pasted = (r.mask == 0).double().mean((1, 2))
     expected = (0.8 ** 3 - 0.1 ** 3) / (3 * 0.7)
     assert abs(float(pasted.mean()) - expected) < 0.02
