@@ -323,14 +323,15 @@ def test_cli_run_prints_the_tower_and_worker_warnings_once(tiny_model_config, de
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_is_written_and_validates(tiny_model_config, demo, tmp_path, method):
-    """Each --method through generate as a new user runs it (jpg): every image ok, validate
-    clean, and preview draws it. A method whose output cannot be written fails here."""
+    """Each --method through the command line as a new user runs it (jpg): every image ok,
+    validate clean, and preview draws it. A method whose output cannot be written fails here."""
     from stages.preview import make_contact_sheet
 
     out = tmp_path / "out"
-    result = generate(config(tiny_model_config, demo / "llava.json", out, image_root=str(demo), method=method,
-                             image_format="jpg"))
-    assert result.ok and result.counts == {"ok": 14, "failed": 0, "skipped": 1}
+    proc = run_cli(tiny_model_config, demo, out, "--method", method, "--image-format", "jpg")
+    assert proc.exit_code == 0, proc.output[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert not run["failed_units"] and run["this_run"]["counts"] == {"ok": 14, "failed": 0, "skipped": 1}
     assert validate_output(out) == []
     rows = [r for r in read_rows(out).to_pylist() if r["status"] == "ok"]
     assert {r["method"] for r in rows} == {method}
