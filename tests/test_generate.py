@@ -43,6 +43,24 @@ def config(tiny_model_config, input, output, **kw) -> GenerateConfig:
     return GenerateConfig.build(base | kw)
 
 
+def invoke_generate(tiny_model_config, input, out, *flags):
+    """`generate` as the command line runs it, on the tiny tower, in this process (on the module's Ray)."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    args = ["generate", "--input", str(input), "--output", str(out), "--model", str(tiny_model_config),
+            "--pretrained", "none", "--merge", "16", "--no-progress", *flags]
+    return CliRunner().invoke(app, args, catch_exceptions=False)
+
+
+def generate_cli(tiny_model_config, input, out, *flags) -> dict:
+    """invoke_generate with config()'s settings; it must succeed; the run's counts from run.json."""
+    proc = invoke_generate(tiny_model_config, input, out, "--batch-size", "4", "--image-format", "png", "--seed", "7", *flags)
+    assert proc.exit_code == 0, proc.output[-3000:]
+    return json.loads((Path(out) / "run.json").read_text())["this_run"]["counts"]
+
+
 def read_rows(out: Path) -> pa.Table:
     tables = [pq.read_table(p) for p in sorted((out / "shards").glob("*.parquet"))]
     return pa.concat_tables(tables).sort_by([("unit", "ascending"), ("index", "ascending")])
@@ -157,8 +175,8 @@ def _write_folder(root: Path, classes=("cat", "dog"), per_class=3) -> None:
 def test_image_folder_with_class_labels(tiny_model_config, tmp_path):
     _write_folder(tmp_path / "imgs")
     out = tmp_path / "out"
-    result = generate(config(tiny_model_config, tmp_path / "imgs", out, folder_labels=True, samples_per_shard=6))
-    assert result.counts["ok"] == 6 and validate_output(out) == []
+    counts = generate_cli(tiny_model_config, tmp_path / "imgs", out, "--folder-labels", "--samples-per-shard", "6")
+    assert counts["ok"] == 6 and validate_output(out) == []
     rows = read_rows(out).to_pylist()
     assert [r["label"] for r in rows] == ["cat"] * 3 + ["dog"] * 3
     by_key = {r["key"]: r for r in rows}
@@ -189,8 +207,8 @@ def test_webdataset_and_manifests(tiny_model_config, tmp_path):
                 info.size = len(payload)
                 tf.addfile(info, io.BytesIO(payload))
     out = tmp_path / "wds"
-    result = generate(config(tiny_model_config, tar_path, out, samples_per_shard=6))
-    assert result.counts["ok"] == 6 and validate_output(out) == []
+    counts = generate_cli(tiny_model_config, tar_path, out, "--samples-per-shard", "6")
+    assert counts["ok"] == 6 and validate_output(out) == []
     rows = read_rows(out).to_pylist()
     assert (rows[0]["prompt"], rows[0]["label"]) == ("a caption", "3")
     assert (rows[1]["prompt"], rows[1]["answer"]) == ("q1", "a1")
@@ -205,10 +223,10 @@ def test_webdataset_and_manifests(tiny_model_config, tmp_path):
         lines.append(json.dumps({"id": f"j{i}", "image": f"{i}.png", "prompt": "x"}))
     (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n{not json\n")
     out_pq, out_jl = tmp_path / "pq", tmp_path / "jl"
-    generate(config(tiny_model_config, tmp_path / "m.parquet", out_pq, samples_per_shard=6))
-    result = generate(config(tiny_model_config, tmp_path / "m.jsonl", out_jl, image_root=str(tmp_path / "files"),
-                             samples_per_shard=6))
-    assert result.counts == {"ok": 6, "failed": 1, "skipped": 0}
+    generate_cli(tiny_model_config, tmp_path / "m.parquet", out_pq, "--samples-per-shard", "6")
+    counts = generate_cli(tiny_model_config, tmp_path / "m.jsonl", out_jl, "--image-root", str(tmp_path / "files"),
+                          "--samples-per-shard", "6")
+    assert counts == {"ok": 6, "failed": 1, "skipped": 0}
     rows_pq, rows_jl = read_rows(out_pq).to_pylist(), read_rows(out_jl).to_pylist()
     assert rows_jl[-1]["error"].startswith("malformed_row")
     for a, b in zip(rows_pq, rows_jl[:6]):
@@ -348,15 +366,9 @@ def test_every_method_is_written_and_validates(tiny_model_config, demo, tmp_path
 
 
 def run_cli(tiny_model_config, demo, out, *flags):
-    """`generate` as the command line runs it, in this process (on the module's Ray)."""
-    from typer.testing import CliRunner
-
-    from pipeline.cli import app
-
-    args = ["generate", "--input", str(demo / "llava.json"), "--image-root", str(demo), "--output", str(out),
-            "--model", str(tiny_model_config), "--pretrained", "none", "--merge", "16", "--samples-per-shard", "5",
-            "--batch-size", "3", "--seed", "2", "--no-progress", *flags]
-    return CliRunner().invoke(app, args, catch_exceptions=False)
+    """The demo through `generate`'s command line."""
+    return invoke_generate(tiny_model_config, demo / "llava.json", out, "--image-root", str(demo),
+                           "--samples-per-shard", "5", "--batch-size", "3", "--seed", "2", *flags)
 
 
 def _fitted(demo, row) -> np.ndarray:
