@@ -30,6 +30,9 @@ UNITS_IN_FLIGHT_PER_ACTOR = 2  # at least: one being encoded, one being prepared
 UNIT_RETRIES = 2  # a unit whose attempt fails is retried this many times, then recorded as failed
 TICK_S = 1.0  # how often the driver looks at the clocks when nothing completes
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+# torch threads per encoder actor instead of the default (1 on CPU, 4 on GPU). The output does not
+# depend on it (tests/test_output_digest.py runs with 4 to stand in for another machine's kernels).
+THREADS_ENV = "MERGEMIX_TORCH_THREADS"
 
 
 def connect(address: str | None) -> None:
@@ -78,11 +81,21 @@ def size_from_cluster(resources: dict, workers: int | None, device: str) -> Sizi
         raise UserError("--device cuda but the Ray cluster has no GPU")
     if use_gpu:
         actors = workers or int(gpus)
-        return Sizing(actors, min(1.0, cpus / (2 * actors)), min(1.0, gpus / actors), 1.0 if cpus > actors + 1 else 0.5, "cuda", 4)
+        return Sizing(actors, min(1.0, cpus / (2 * actors)), min(1.0, gpus / actors), 1.0 if cpus > actors + 1 else 0.5,
+                      "cuda", _threads(4))
     actors = workers or max(1, int(cpus) // 2)
     # Half the CPUs to encoder actors, half to prepare/write tasks (fractional, so both fit).
-    # One torch thread per actor: results must not depend on thread count (see README).
-    return Sizing(actors, cpus / (2 * actors), 0.0, max(0.25, min(1.0, cpus / 4)), "cpu", 1)
+    # One torch thread per actor: tiny batches gain little from more, and they would compete with the tasks.
+    return Sizing(actors, cpus / (2 * actors), 0.0, max(0.25, min(1.0, cpus / 4)), "cpu", _threads(1))
+
+
+def _threads(default: int) -> int:
+    value = os.environ.get(THREADS_ENV, "")
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"{THREADS_ENV}={value!r}: give a whole number of threads >= 1, or unset it")
+    return int(value)
 
 
 def resolve_image_ops(image_ops: str, device: str, address: str | None, device_encode: bool = False) -> str:

@@ -178,13 +178,31 @@ class MergingEncoder(nn.Module):
             raise ValueError(f"expected uint8 pixels (B, H, W, 3), got {pixels.dtype} {tuple(pixels.shape)}")
         if tuple(pixels.shape[1:3]) != self.image_size:
             raise ValueError(f"expected pixels of shape (B, {self.image_size[0]}, {self.image_size[1]}, 3), got {tuple(pixels.shape)}")
+        return self._saliency(self._centred(pixels), from_pixels=True)
+
+    def _centred(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) -> float pixels minus 128 on the device, (B, 3, H, W) channels-last."""
         if self.device.type == "cuda" and pixels.device.type == "cpu":
             pixels = pixels.pin_memory()
         pixels = pixels.to(self.device, non_blocking=True)
         # One pass uint8 -> float into a reused buffer (a fresh CPU buffer costs more in page
         # faults than the conversion itself); the channels-last view feeds the convolution as is.
-        x = self._staging(pixels.shape).copy_(pixels).sub_(128.0).permute(0, 3, 1, 2)
-        return self._saliency(x, from_pixels=True)
+        return self._staging(pixels.shape).copy_(pixels).sub_(128.0).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def merge_margins(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(B,) the smallest gap of any merge decision before the saliency layer
+        (stages.tome.matching_margin); inf without merging. Decisions within float noise of a tie
+        may go another way on another CPU kernel or device: tests use this to prove their data
+        has none."""
+        pixels = torch.as_tensor(pixels)
+        margins: list[torch.Tensor] = []
+        with self._autocast():
+            state = MergeState.start(self._embed_pixels(self._centred(pixels)))
+            for block, r in zip(self.blocks, self.schedule):
+                state = merged_block(block, state, r, self.prop_attn, margins)
+        inf = torch.full((len(pixels),), torch.inf)
+        return torch.stack(margins).min(dim=0).values if margins else inf
 
     def _staging(self, shape: torch.Size) -> torch.Tensor:
         """A float32 buffer of `shape` on the device, kept between calls and grown as needed."""

@@ -69,6 +69,33 @@ def _topk_rows(scores: Tensor, counts: Tensor) -> Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter(1, order, ranks < counts[:, None])
 
 
+def topk_margin(scores: Tensor, counts: Tensor, sizes: Tensor | None = None) -> Tensor:
+    """(B,) float64: how close each row's choice of its top `counts[b]` is to a tie, as the
+    smallest gap between the boundary score and its neighbours over the boundary score. Scores
+    within float noise of each other (~1e-6 relative) may rank the other way on another CPU
+    kernel or device, and the mask with them; exact ties rank by index everywhere.
+
+    `sizes[b, t]`: how many patches score t stands for (a merged token: its patches share the
+    score and move together), so `counts` counts patches; None for one patch each. Where the
+    boundary cuts through a token, both neighbours count. inf where nothing or everything is
+    chosen. A diagnostic for tests and benchmarks, not on the hot path."""
+    scores = scores.detach().double().cpu()
+    sizes = torch.ones_like(scores) if sizes is None else sizes.detach().double().cpu()
+    out = torch.full((scores.shape[0],), math.inf, dtype=torch.float64)
+    for b in range(scores.shape[0]):
+        order = torch.sort(scores[b], descending=True, stable=True).indices
+        s, filled = scores[b, order], torch.cumsum(sizes[b, order], 0)
+        k = float(counts[b])
+        if k <= 0 or k >= float(filled[-1]):
+            continue
+        j = int(torch.searchsorted(filled, torch.tensor([k], dtype=torch.float64))[0])  # the token holding patch k
+        gaps = [s[j] - s[j + 1]]
+        if float(filled[j]) > k and j > 0:  # the boundary splits token j: the one above may swap with it too
+            gaps.append(s[j - 1] - s[j])
+        out[b] = float(min(gaps)) / max(abs(float(s[j])), 1e-30)
+    return out
+
+
 def topk_patch_mask(scores: Tensor, lam: Tensor) -> Tensor:
     """(B, L) bool: the top floor(lam*L) patches of each row (kept area exactly floor(lam*L)/L)."""
     _check_scores(scores, "scores")

@@ -48,12 +48,8 @@ def bipartite_merge(state: MergeState, metric: torch.Tensor, r: int) -> MergeSta
     batch, num_tokens, width = x.shape
     r = min(r, max_merge(num_tokens))
 
-    # Similarity in fp32: the ranking decides which tokens merge and must not depend on autocast.
-    m = metric.float()
-    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)  # (B, Na, Nb)
-    scores[:, 0, :] = -torch.inf  # CLS (A position 0) can never merge
-    best, best_b = scores.max(dim=-1)  # each A token's best B partner
+    scores = _similarity(metric)
+    best, best_b = scores.max(dim=-1)  # each A token's best B partner (the first of equals)
     order = torch.sort(best, dim=-1, descending=True, stable=True).indices
     src = order[:, :r]  # A tokens that merge away
     unm = order[:, r:].sort(dim=-1).values  # A tokens that stay, original order: CLS first
@@ -81,3 +77,36 @@ def bipartite_merge(state: MergeState, metric: torch.Tensor, r: int) -> MergeSta
     new_of_old[:, ::2] = new_of_a
     new_of_old[:, 1::2] = num_unm + torch.arange(num_b, device=device)
     return MergeState(x_new, size_new, new_of_old.gather(1, state.source))
+
+
+def _similarity(metric: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every A token (even positions) to every B token (odd), (B, Na, Nb);
+    the CLS row is -inf, so it never merges. In fp32: the ranking decides which tokens merge and
+    must not depend on autocast."""
+    m = metric.float()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)
+    scores[:, 0, :] = -torch.inf
+    return scores
+
+
+@torch.no_grad()
+def matching_margin(metric: torch.Tensor, r: int) -> torch.Tensor:
+    """(B,) how close one merge step's decisions are to a tie: the smallest cosine gap between
+    each merged A token's best and second-best B partner, and between the r-th and (r+1)-th best
+    scores (which A tokens merge). A gap within float noise (~1e-6) means another kernel, thread
+    count or device may merge differently; inf where nothing is decided. A diagnostic of
+    determinism (tests/test_output_digest.py), not on the hot path."""
+    batch = metric.shape[0]
+    r = min(r, max_merge(metric.shape[1]))
+    if r <= 0:
+        return torch.full((batch,), torch.inf)
+    scores = _similarity(metric)
+    top2 = scores.topk(min(2, scores.shape[-1]), dim=-1).values  # (B, Na, 2)
+    best = top2[..., 0]
+    ranked, order = torch.sort(best, dim=-1, descending=True, stable=True)
+    partner_gap = top2[..., 0] - top2[..., -1] if scores.shape[-1] > 1 else torch.full_like(best, torch.inf)
+    margin = partner_gap.gather(1, order[:, :r]).min(dim=1).values
+    if r < ranked.shape[1] - 1:  # the CLS row (-inf) always ranks last and is never a candidate
+        margin = torch.minimum(margin, ranked[:, r - 1] - ranked[:, r])
+    return margin.cpu()

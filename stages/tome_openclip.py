@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.errors import UserError
-from stages.tome import MergeState, bipartite_merge
+from stages.tome import MergeState, bipartite_merge, matching_margin
 
 
 def check_supported(visual: nn.Module) -> None:
@@ -37,11 +37,16 @@ def check_supported(visual: nn.Module) -> None:
         raise UserError("attention with separate q/k/v projections is not supported")
 
 
-def merged_block(block: nn.Module, state: MergeState, r: int, prop_attn: bool) -> MergeState:
-    """One residual block on merged tokens, removing `r` tokens between attention and MLP."""
+def merged_block(block: nn.Module, state: MergeState, r: int, prop_attn: bool,
+                 margins: list | None = None) -> MergeState:
+    """One residual block on merged tokens, removing `r` tokens between attention and MLP.
+    `margins`, when given, collects how close the block's merge decisions came to a tie."""
     o, k = _attention(block, state, prop_attn)
     state = MergeState(state.x + block.ls_1(o), state.size, state.source)
-    state = bipartite_merge(state, k.mean(dim=1), r)  # keys averaged over heads, per image
+    metric = k.mean(dim=1)  # keys averaged over heads, per image
+    if margins is not None:
+        margins.append(matching_margin(metric, r))
+    state = bipartite_merge(state, metric, r)
     x = state.x + block.ls_2(block.mlp(block.ln_2(state.x)))
     return MergeState(x, state.size, state.source)
 

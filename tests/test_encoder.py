@@ -225,3 +225,12 @@ def test_compiled_blocks_give_the_eager_saliency(tiny_model_config, monkeypatch)
     assert batches == [4, 4]  # the last batch of 1 filled up with copies: no second graph
     torch.testing.assert_close(compiled[0], eager[0], atol=1e-6, rtol=1e-5)
     assert torch.equal(compiled[2], eager[2]) and compiled[0].shape == (5, 8, 8)
+
+
+def test_merge_margins_report_the_closest_merge_decision(tiny_model_config):
+    """merge_margins: the smallest matching_margin over the blocks that merge; inf without merging."""
+    pixels = torch.randint(0, 256, (3, 64, 64, 3), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    merged = load_encoder(str(tiny_model_config), "none", merge=16)
+    margins = merged.merge_margins(pixels)
+    assert margins.shape == (3,) and bool((margins > 0).all()) and bool(torch.isfinite(margins).all())
+    assert torch.isinf(load_encoder(str(tiny_model_config), "none", merge=0).merge_margins(pixels)).all()

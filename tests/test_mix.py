@@ -499,3 +499,14 @@ def test_works_on_cuda_like_cpu():
         assert torch.equal(a.mask, b.mask.cpu()) and torch.equal(a.kept, b.kept.cpu())
         if method not in ("resizemix", "blur"):  # resampling kernels may round differently on GPU
             assert torch.equal(losers(a, d), losers(b, dc).cpu())
+
+
+def test_topk_margin_is_the_gap_at_each_rows_boundary():
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0]] * 3 + [[5.0, 4.0, 4.0, 2.0]])
+    counts = torch.tensor([2, 0, 4, 2])
+    assert mix.topk_margin(scores, counts).tolist() == [0.25, math.inf, math.inf, 0.0]  # row 3: a tie across the boundary
+    # merged tokens: score 4 stands for 2 patches; k = 2 cuts through it, so 5 vs 4 counts too
+    sizes = torch.tensor([[1.0, 2.0, 1.0, 1.0]])
+    near = torch.tensor([[4.001, 4.0, 3.0, 2.0]], dtype=torch.float64)
+    assert mix.topk_margin(near, torch.tensor([2]), sizes)[0] == pytest.approx(0.001 / 4.0)
+    assert mix.topk_margin(near, torch.tensor([3]), sizes)[0] == pytest.approx(1.0 / 4.0)  # boundary after the token

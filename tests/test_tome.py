@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.tome import MergeState, bipartite_merge, max_merge, merge_schedule
+from stages.tome import MergeState, bipartite_merge, matching_margin, max_merge, merge_schedule
 
 
 def test_merge_keeps_cls_first_and_conserves_mass():
@@ -50,3 +50,18 @@ def test_source_map_follows_every_merge():
     assert state.source.shape == (3, 64) and int(state.source.min()) >= 1 and int(state.source.max()) < 25
     counts = torch.stack([torch.bincount(s, minlength=25) for s in state.source])
     assert torch.equal(counts[:, 1:], state.size[:, 1:, 0].long()) and bool((counts[:, 0] == 0).all())
+
+
+def test_exact_ties_merge_into_the_first_partner_and_the_margin_says_so():
+    """Two B tokens that look exactly alike: each A token picks the first (lower index) on any
+    kernel, and matching_margin reports the tie as 0; distinct tokens give a positive margin."""
+    torch.manual_seed(3)
+    metric = torch.randn(1, 9, 4)
+    metric[0, 3] = metric[0, 1]  # B tokens 0 and 1 (positions 1 and 3) are the same
+    metric[0, 2] = metric[0, 1] + 1e-3 * torch.randn(4)  # A token 1 is nearly them: it merges first
+    state = bipartite_merge(MergeState.start(torch.randn(1, 9, 4)), metric, 1)
+    # A token 1 (position 2) merged into B token 0 (position 1): its new index is num_unm (4) + 0
+    assert int(state.source[0, 1]) == 4 and int(state.source[0, 0]) == 4
+    assert float(matching_margin(metric, 1)[0]) == 0.0
+    assert float(matching_margin(torch.randn(2, 9, 4), 2).min()) > 0
+    assert torch.isinf(matching_margin(metric, 0)).all()
