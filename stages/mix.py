@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from stages.device_images import resample
 from stages.methods import (  # noqa: F401  (re-exported)
     BLUR_SIGMA_PATCHES, LAM_MODES, METHODS, NEEDS_SALIENCY, PATCH_SELECT, RESIZEMIX_SCOPE,
 )
@@ -176,16 +177,18 @@ def _to_uint8(x: Tensor) -> Tensor:
 
 
 def gaussian_blur(pixels: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of uint8 (B, H, W, C) images (edge pixels replicated), uint8 out."""
+    """Separable Gaussian blur of uint8 (B, H, W, C) images (edge pixels replicated), uint8 out.
+    In float64: a value lands within rounding noise of a .5 (where another CPU kernel or a GPU
+    could round it the other way) about 1e-13 of the time, against 1e-4 in float32."""
     _check_pixels(pixels, "pixels")
     if not sigma > 0:
         raise ValueError(f"blur sigma must be > 0, got {sigma}")
     radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=pixels.device)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64, device=pixels.device)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
     c = pixels.shape[3]
-    x = pixels.permute(0, 3, 1, 2).float()
+    x = pixels.permute(0, 3, 1, 2).double()
     x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
     x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
     x = F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
@@ -239,7 +242,7 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
     mergemix-r: random score per merged token, recovered through `source`, top floor(lam*L).
     random: top floor(lam*L) of random patch scores. mixup: round(lam*x_i + (1-lam)*x_j).
     cutmix: a grid-aligned box of area ~(1-lam) from x_j, centred uniformly over the grid and clipped
-    at the border; MixResult.lam is the area kept after clipping. resizemix: x_j resized (bilinear,
+    at the border; MixResult.lam is the area kept after clipping. resizemix: x_j resized (Pillow's bilinear,
     antialiased) into a grid-aligned box of side scale tau ~ U(0.1, 0.8) (area tau^2) at a
     uniform position; the given lam is not used, and MixResult.lam is 1 - the pasted area.
     blur: salient top floor(lam*L) patches kept, the rest replaced by a Gaussian blur of x_i
@@ -317,10 +320,9 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
                 top, left, bh, bw = _resizemix_box(rng, gh, gw)
             grid_mask[i, top:top + bh, left:left + bw] = False
             if method == "resizemix":
-                src_img = pixels[partner[i]].permute(2, 0, 1)[None].float()
-                small = F.interpolate(src_img, size=(bh * ph, bw * pw), mode="bilinear", align_corners=False,
-                                      antialias=True)
-                extra[i, top * ph:(top + bh) * ph, left * pw:(left + bw) * pw] = _to_uint8(small[0].permute(1, 2, 0))
+                # Pillow's bilinear resize, reproduced exactly (integer sums): the same pixels on any kernel or device.
+                small = resample(pixels[partner[i]].permute(2, 0, 1)[None], (bh * ph, bw * pw), "bilinear")
+                extra[i, top * ph:(top + bh) * ph, left * pw:(left + bw) * pw] = small[0].permute(1, 2, 0).to(torch.uint8)
     grid_mask = mask.view(b, gh, gw)
     kept = grid_mask.sum(dim=(1, 2)).double() / n_patches
     # Where a box decides the ratio, the lam to record is the one it made: 1 - the area taken from the
