@@ -47,6 +47,37 @@ def make_image(seed: int, size=(80, 60)) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def make_photo(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A square photo-like RGB uint8 image: a smooth colour field of random blobs, a texture and
+    per-pixel noise. No flat area and no padding, so no two patches look alike: the saliency of
+    such images leaves no near-tie for float noise to break (tests/test_output_digest.py)."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = np.zeros((size, size, 3)) + rng.uniform(40, 200, 3)
+    for _ in range(6):
+        cy, cx, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.08, 0.4)
+        img += rng.uniform(-90, 90, 3) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))[..., None]
+    fy, fx, phase = rng.uniform(2, 9), rng.uniform(2, 9), rng.uniform(0, 2 * np.pi)
+    img += 18 * np.sin(2 * np.pi * (fy * yy + fx * xx) + phase)[..., None]
+    img += rng.normal(0, 10, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_photo_set(root: Path, n: int, seed: int, size: int = 96) -> Path:
+    """root/llava.json with n square photo-like JPEGs (make_photo) and one text-only row."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        Image.fromarray(make_photo(rng, size)).save(root / "images" / f"{i:05d}.jpg", quality=92)
+        rows.append({"id": f"photo-{i:05d}", "image": f"images/{i:05d}.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": f"Picture {i}."}]})
+    rows.append({"id": "text-only", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]})
+    (root / "llava.json").write_text(json.dumps(rows))
+    return root / "llava.json"
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 server on 127.0.0.1 (SeaweedFS), one per test session; see tests/s3_server.py."""
