@@ -38,6 +38,20 @@ def user_errors(fn):
     return wrapper
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from pipeline.distribution import DISTRIBUTION, version
+
+        typer.echo(f"{DISTRIBUTION} {version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                          help="print the installed version and exit")) -> None:
+    """Generate MergeMix preference shards for vision-language models, and inspect, check and train on them."""
+
+
 # --- commands are registered below, one section per command --------------------------
 
 
