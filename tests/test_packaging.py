@@ -97,3 +97,23 @@ def test_another_distribution_with_one_of_our_import_names_is_refused_in_one_lin
     assert len(lines) == 1 and "stages-toolkit" in lines[0] and DISTRIBUTION in lines[0] and "'stages'" in lines[0]
     assert "Traceback" not in proc.stderr
 
+
+def test_the_cluster_image_installs_what_ci_tests():
+    """cluster/Dockerfile starts from the Ray GPU image of the Ray this project runs, and installs the
+    project with cluster/install.sh, the script .ci/smoke-installed runs; both cluster manifests run it."""
+    import ray
+    import yaml
+
+    dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
+    base = next(line.split()[1] for line in dockerfile.splitlines() if line.startswith("FROM "))
+    assert base == f"rayproject/ray:{ray.__version__}-py311-gpu"
+    assert "cluster/install.sh" in next(line for line in dockerfile.splitlines() if line.startswith("RUN "))
+    assert 'sh "$repo/cluster/install.sh"' in (REPO / ".ci" / "smoke-installed").read_text()
+    launcher = yaml.safe_load((REPO / "cluster" / "cluster.yaml").read_text())
+    job = yaml.safe_load((REPO / "cluster" / "rayjob.yaml").read_text())
+    images = {launcher["docker"]["image"]}
+    images |= {c["image"] for c in job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]}
+    for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        images |= {c["image"] for c in group["template"]["spec"]["containers"]}
+    assert images == {"your-registry/mergemix-pipeline:latest"}
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
