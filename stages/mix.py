@@ -90,10 +90,11 @@ def topk_margin(scores: Tensor, counts: Tensor, sizes: Tensor | None = None) -> 
         if k <= 0 or k >= float(filled[-1]):
             continue
         j = int(torch.searchsorted(filled, torch.tensor([k], dtype=torch.float64))[0])  # the token holding patch k
-        gaps = [s[j] - s[j + 1]]
+        gaps = [s[j] - s[j + 1]] if j + 1 < len(s) else []
         if float(filled[j]) > k and j > 0:  # the boundary splits token j: the one above may swap with it too
             gaps.append(s[j - 1] - s[j])
-        out[b] = float(min(gaps)) / max(abs(float(s[j])), 1e-30)
+        if gaps:  # else one token holds every patch: nothing can swap
+            out[b] = float(min(gaps)) / max(abs(float(s[j])), 1e-30)
     return out
 
 

@@ -509,3 +509,5 @@ def test_topk_margin_is_the_gap_at_each_rows_boundary():
     near = torch.tensor([[4.001, 4.0, 3.0, 2.0]], dtype=torch.float64)
     assert mix.topk_margin(near, torch.tensor([2]), sizes)[0] == pytest.approx(0.001 / 4.0)
     assert mix.topk_margin(near, torch.tensor([3]), sizes)[0] == pytest.approx(1.0 / 4.0)  # boundary after the token
+    # the boundary inside the last token: only the token above it can swap with it
+    assert mix.topk_margin(near, torch.tensor([4]), torch.tensor([[1.0, 1.0, 1.0, 2.0]]))[0] == pytest.approx(1.0 / 2.0)
