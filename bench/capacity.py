@@ -149,6 +149,7 @@ def stage_costs(llava: Path, root: Path, model: Path, n: int, repeats: int = 3) 
     import ray
     import torch
 
+    from stages.compose import decided_pairs
     from stages.decide import UnitDecider
     from stages.listing import list_input
     from stages.prepare import prepare_unit
@@ -182,7 +183,7 @@ def stage_costs(llava: Path, root: Path, model: Path, n: int, repeats: int = 3) 
     def write(decided, unit):
         def run():
             with tempfile.TemporaryDirectory(dir=SCRATCH) as tmp:
-                write_unit(tmp, 0, copy.deepcopy(decided.rows), decided.pairs(unit.pixels), image_format="jpg",
+                write_unit(tmp, 0, copy.deepcopy(decided.rows), decided_pairs(decided, unit.pixels), image_format="jpg",
                            jpeg_quality=95, fingerprint="x")
         return cpu_ms(run)[1]
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import ray
+
+from pipeline.faults import injected_fault
 
 
 @ray.remote
@@ -99,40 +99,3 @@ class ActorMessages:
                 if message not in self.seen:
                     self.seen.add(message)
                     print(f"worker: {message}", file=sys.stderr)
-
-
-# TEST-ONLY fault injection for tests/test_faults.py; inert unless the variable is set.
-# MERGEMIX_TEST_FAULTS names a directory; for unit N a file there named "raise-N" makes every
-# attempt raise, "kill-N" makes the actor SIGKILL itself once (the file is claimed by rename),
-# "hold-N" parks every attempt while the file exists (at most 120 s), "stall-N" parks the
-# first attempt for 300 s (claimed by rename, so the retry goes through). Each attempt
-# appends "N pid" to attempts.log.
-FAULTS_ENV = "MERGEMIX_TEST_FAULTS"
-
-
-def injected_fault(unit_id: int) -> None:
-    faults = os.environ.get(FAULTS_ENV)
-    if not faults:
-        return
-    import signal
-
-    folder = Path(faults)
-    with open(folder / "attempts.log", "a") as log:
-        log.write(f"{unit_id} {os.getpid()}\n")
-    deadline = time.monotonic() + 120
-    while (folder / f"hold-{unit_id}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _claim(folder, "stall", unit_id):
-        time.sleep(300)
-    if (folder / f"raise-{unit_id}").exists():
-        raise RuntimeError(f"injected fault in unit {unit_id}")
-    if _claim(folder, "kill", unit_id):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _claim(folder: Path, what: str, unit_id: int) -> bool:
-    try:
-        os.rename(folder / f"{what}-{unit_id}", folder / f"{what}ed-{unit_id}")
-        return True
-    except FileNotFoundError:
-        return False

@@ -24,7 +24,7 @@ from typing import Callable
 
 import ray
 
-from stages.errors import UserError
+from stages.errors import UserError, one_line
 
 UNITS_IN_FLIGHT_PER_ACTOR = 2  # at least: one being encoded, one being prepared behind it
 UNIT_RETRIES = 2  # a unit whose attempt fails is retried this many times, then recorded as failed
@@ -156,12 +156,6 @@ def storage_error(exc: BaseException) -> bool:
         return True
     text = str(cause).lower()
     return isinstance(cause, OSError) and any(word in text for word in _STORAGE_WORDS)
-
-
-def one_line(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None) or exc
-    text = str(cause).strip()
-    return f"{type(cause).__name__}: {text.splitlines()[-1][:300] if text else ''}"
 
 
 class Distributor:

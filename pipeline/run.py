@@ -20,11 +20,11 @@ from tqdm import tqdm
 from pipeline import tasks
 from pipeline.actor import ActorMessages, UnitWorker
 from pipeline.config import GenerateConfig
-from pipeline.distribute import Distributor, connect, one_line, resolve_image_ops, size_from_cluster, units_in_flight
-from pipeline.tasks import Unit
+from pipeline.distribute import Distributor, connect, resolve_image_ops, size_from_cluster, units_in_flight
+from stages.units import Unit
 from schemas.layout import INDEX_FILE, SHARDS_DIR
 from schemas.shard import SCHEMA_VERSION
-from stages.errors import UserError
+from stages.errors import UserError, one_line
 from stages.lease import Lease
 from stages.listing import default_image_root, detect_kind, list_input
 from stages.outdir import committed_units, read_run_file, remove_leftovers, remove_output

@@ -1,4 +1,4 @@
-"""The CPU tasks of `generate` (prepare a unit, write a unit) and the unit they work on.
+"""The CPU tasks of `generate`: prepare a unit, write a unit.
 
 They live apart from pipeline.run, which imports the encoder, so that a Ray worker that
 runs them (or unpickles their arguments) never imports torch: on a 2-core machine the
@@ -8,27 +8,13 @@ what it imports, free of torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from stages.listing import Slice
-from stages.decide import UnitDecisions
-from stages.prepare import PreparedUnit, prepare_unit
+from stages.compose import decided_pairs
+from stages.prepare import prepare_unit
 from stages.preprocess import CLIP_MEAN_RGB
 from stages.read import read_slice
 from stages.storage import open_store
+from stages.units import PreparedUnit, Unit, UnitDecisions
 from stages.writer import write_unit
-
-
-@dataclass
-class Unit:
-    """Work unit `unit_id` = output shard `unit_id`: the inputs of `slice`."""
-
-    unit_id: int
-    slice: Slice
-
-    @property
-    def size(self) -> int:
-        return self.slice.count
 
 
 def prepare(unit: Unit, image_size, resize: str, image_root: str | None, fill=CLIP_MEAN_RGB,
@@ -44,7 +30,7 @@ def write(unit: PreparedUnit, decided: UnitDecisions, out: str, image_format: st
     prepared unit the actor saw (its pixels are the winners, read from Ray's object store
     without a copy; on the torch image path the actor returns them); `decided` is what the
     actor decided."""
-    images = decided.pairs(unit.pixels)
+    images = decided_pairs(decided, unit.pixels)
     return write_unit(open_store(out, storage_options), decided.unit_id, decided.rows, images,
                       image_format=image_format, jpeg_quality=jpeg_quality, fingerprint=fingerprint,
                       extra_stats=decided.extra_stats)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stages.units import UnitDecisions
+
 
 @dataclass
 class PairImages:
@@ -53,6 +55,13 @@ def pair_images(keys: list[str], masks: np.ndarray, partners: np.ndarray, winner
     is composed when its pair is looked up, so a writer holds one at a time. With `encoded`
     (the actor's JPEGs, in the same order) the pairs carry those bytes instead of pixels."""
     return _UnitImages(keys, masks, partners, winners, losers, encoded)
+
+
+def decided_pairs(decided: UnitDecisions, prepared_pixels: np.ndarray) -> Mapping[str, PairImages]:
+    """A unit's pairs as the encoder actor decided them: the prepared unit's pixels are the winners
+    on the pil path; on the torch path, the actor's own winners (or its JPEG bytes)."""
+    winners = prepared_pixels if decided.winners is None else decided.winners
+    return pair_images(decided.ok_keys, decided.masks, decided.partners, winners, decided.losers, decided.encoded)
 
 
 class _UnitImages(Mapping):

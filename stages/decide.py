@@ -10,15 +10,13 @@ losers on the device and returns JPEG bytes of both, so the write task only pack
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from schemas.shard import BLEND_METHODS
-from stages.compose import pair_images
-from stages.prepare import PreparedUnit
 from stages.preprocess import CLIP_MEAN_RGB
+from stages.units import PreparedUnit, UnitDecisions
 
 # torch and the mixing stage are imported inside UnitDecider only: the CPU tasks that unpickle
 # UnitDecisions then never load torch (seconds of CPU and a few hundred MB per Ray worker).
@@ -26,37 +24,6 @@ if TYPE_CHECKING:
     import torch
 
     from stages.encoder import MergingEncoder
-
-
-@dataclass
-class UnitDecisions:
-    """What the actor decided for one unit. Index i runs over the ok rows, in row order, and
-    is also the image's index in the PreparedUnit's pixels."""
-
-    unit_id: int
-    rows: list[dict]  # every row; the ok ones carry the decisions
-    masks: np.ndarray  # (n_ok, gh, gw) uint8, 255 = patch from the winner (mixup: its blend weight)
-    partners: np.ndarray  # (n_ok,) index of each sample's partner x_j
-    losers: np.ndarray | None = None  # (n_ok, H, W, 3), only for methods that are not a patch selection
-    timings: dict = field(default_factory=dict)
-    winners: np.ndarray | None = None  # torch image path: (n_ok, H, W, 3), the images the encoder saw
-    encoded: list[tuple[bytes, bytes]] | None = None  # actor-encoded (winner, loser) JPEGs, per ok sample
-    images: dict = field(default_factory=dict)  # torch image path: how the unit's images were decoded
-
-    @property
-    def ok_keys(self) -> list[str]:
-        return [r["key"] for r in self.rows if r["status"] == "ok"]
-
-    def pairs(self, prepared_pixels: np.ndarray):
-        """Key -> PairImages for the writer. `prepared_pixels` are the prepared unit's, the winners
-        on the pil path; on the torch path the actor's own winners (or JPEG bytes) are used."""
-        winners = prepared_pixels if self.winners is None else self.winners
-        return pair_images(self.ok_keys, self.masks, self.partners, winners, self.losers, self.encoded)
-
-    @property
-    def extra_stats(self) -> dict:
-        """What the unit's stats file records of the actor's work."""
-        return {"timings": self.timings, **({"images": self.images} if self.images else {})}
 
 
 class UnitDecider:

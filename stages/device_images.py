@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from stages.preprocess import RESIZE_MODES, load_pixels
-from stages.prepare import PreparedUnit
+from stages.units import PreparedUnit
 from stages.read import InputError
 
 DECODE_CHUNK = 256  # JPEGs decoded per call: bounds the device memory of decoded, not yet fitted images

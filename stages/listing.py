@@ -29,7 +29,7 @@ from typing import BinaryIO, Iterator
 
 import braceexpand
 
-from stages.errors import UserError
+from stages.errors import UserError, one_line
 from stages.storage import input_fs, is_url, local_path
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -83,7 +83,7 @@ def detect_kind(path: str, storage_options: dict | None = None) -> str:
             return "webdataset" if _has_tars(fs, p) and not _has_images(fs, p) else "folder"
         exists = fs.exists(p)
     except Exception as exc:  # no such bucket, no endpoint, no credentials: one line, not a traceback
-        raise UserError(f"cannot read input {path}: {_one_line(exc)}") from None
+        raise UserError(f"cannot read input {path}: {one_line(exc)}") from None
     if not exists:
         raise UserError(f"input {path} does not exist")
     kinds = {".json": "llava", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -98,11 +98,6 @@ def _has_tars(fs, folder: str) -> bool:
 
 def _has_images(fs, folder: str) -> bool:
     return any(os.path.splitext(str(f))[1].lower() in IMAGE_EXTS for f in fs.find(folder))
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())[:200]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def default_image_root(input_path: str, kind: str) -> str | None:
@@ -131,7 +126,7 @@ def list_input(path: str, per_unit: int, *, folder_labels: bool = False, storage
     except UserError:
         raise
     except (OSError, ValueError) as exc:  # the input went away or the store failed after retries
-        raise UserError(f"cannot read input {path}: {_one_line(exc)}") from None
+        raise UserError(f"cannot read input {path}: {one_line(exc)}") from None
 
 
 class _Units:

@@ -8,28 +8,12 @@ decodes and fits them on its device (stages.device_images); the rest are decoded
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from schemas.shard import empty_row, sample_key
 from stages.preprocess import CLIP_MEAN_RGB, device_jpeg_size, load_pixels
 from stages.read import InputError, InputRecord, clean_text, close_handles, load_image_bytes
-
-
-@dataclass
-class PreparedUnit:
-    unit_id: int
-    rows: list[dict]  # one per input, in input order
-    pixels: np.ndarray  # (n_ok, H, W, 3) uint8, rows with status "ok" in order (torch path: the ones decoded here)
-    timings: dict = field(default_factory=dict)
-    # Torch image path only: per ok row, its JPEG bytes for the actor to decode, or None where the
-    # next image of `pixels` is that row's. None on the pil path: `pixels` holds every ok row.
-    jpegs: list[bytes | None] | None = None
-
-    @property
-    def ok_rows(self) -> list[dict]:
-        return [r for r in self.rows if r["status"] == "ok"]
+from stages.units import PreparedUnit
 
 
 def prepare_unit(unit_id: int, first_index: int, records: list[InputRecord], image_size: tuple[int, int],

@@ -17,7 +17,7 @@ from PIL import Image
 
 from schemas.layout import RUN_FILE, SHARDS_DIR, STATS_SUFFIX
 from schemas.shard import check_arrow_schema, check_schema_version, part_ext
-from stages.errors import UserError
+from stages.errors import UserError, one_line
 from stages.outdir import committed_units
 from stages.storage import is_url, open_store
 
@@ -70,7 +70,7 @@ def output_store(out, storage_options: dict | None = None):
     except UserError:
         raise
     except Exception as exc:  # an object store that cannot be reached, a bucket that does not exist
-        raise UserError(f"cannot read {out}: {type(exc).__name__}: {_one_line(exc)}") from None
+        raise UserError(f"cannot read {out}: {one_line(exc)}") from None
     return store
 
 
@@ -138,7 +138,7 @@ def iter_tar_members(ref: ShardRef) -> Iterator[tuple[str, bytes]]:
     try:
         size = ref.size()
     except OSError as exc:
-        raise UserError(f"cannot read shard {ref.where}: {exc.strerror or _one_line(exc)}") from None
+        raise UserError(f"cannot read shard {ref.where}: {exc.strerror or one_line(exc)}") from None
     if ref.filesize is not None and size != ref.filesize:
         raise UserError(f"shard {ref.where} is {size} bytes, its stats say {ref.filesize}: truncated or replaced; regenerate this unit")
     try:
@@ -153,7 +153,7 @@ def iter_tar_members(ref: ShardRef) -> Iterator[tuple[str, bytes]]:
                     raise tarfile.ReadError("unexpected end of data")
                 yield info.name, data
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise UserError(f"shard {ref.where} is corrupt ({_one_line(exc)}); regenerate this unit or remove it") from None
+        raise UserError(f"shard {ref.where} is corrupt ({one_line(exc)}); regenerate this unit or remove it") from None
 
 
 def iter_tar_samples(ref: ShardRef, problems: list[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -232,7 +232,7 @@ def read_parquet(store, name: str, columns: list[str] | None = None) -> pa.Table
         pf = pq.ParquetFile(store.open_read(name))
         schema = pf.schema_arrow
     except (OSError, ValueError, pa.ArrowException) as exc:
-        raise UserError(f"{where} is not a readable Parquet file ({_one_line(exc)}); regenerate this unit") from None
+        raise UserError(f"{where} is not a readable Parquet file ({one_line(exc)}); regenerate this unit") from None
     try:
         check_arrow_schema(schema, where)
     except ValueError as exc:
@@ -240,8 +240,4 @@ def read_parquet(store, name: str, columns: list[str] | None = None) -> pa.Table
     try:
         return pf.read(columns=columns)
     except (OSError, ValueError, pa.ArrowException) as exc:
-        raise UserError(f"{where} is damaged ({_one_line(exc)}); regenerate this unit") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200]
+        raise UserError(f"{where} is damaged ({one_line(exc)}); regenerate this unit") from None

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from stages.errors import UserError
+from stages.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +389,7 @@ def _fetch_checkpoint(url: str, storage_options: dict | None, download: bool) ->
     except FileNotFoundError:
         raise UserError(f"checkpoint {url} not found; pass --pretrained with an existing checkpoint, or none") from None
     except Exception as exc:  # no endpoint, no credentials, no bucket
-        raise UserError(f"cannot read checkpoint {url}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+        raise UserError(f"cannot read checkpoint {url}: {one_line(exc)}") from None
     if not download:
         return url
     cache = Path(os.environ.get("MERGEMIX_CACHE", Path.home() / ".cache" / "mergemix")) / "checkpoints"

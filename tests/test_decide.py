@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from stages.decide import UnitDecider
-from stages.prepare import PreparedUnit
+from stages.units import PreparedUnit
 from stages.tower import load_encoder
 from schemas.shard import empty_row, sample_key
 from tests.conftest import make_image

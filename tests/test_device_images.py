@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.compose import compose_loser
+from stages.compose import compose_loser, decided_pairs
 from stages.decide import UnitDecider
 from stages.device_images import decode_jpegs, encode_jpegs, fit, unit_images
 from stages.prepare import prepare_unit
@@ -166,7 +166,7 @@ def test_the_actor_decides_on_the_images_it_fitted_and_can_encode_them(tiny_mode
     sal = encoder.saliency_from_pixels(torch.from_numpy(expected))  # the encoder saw exactly the winners
     np.testing.assert_allclose([r["saliency"] for r in decided.rows[:5]], sal.grid.flatten(1).numpy(), rtol=1e-5,
                                atol=1e-7)
-    pairs = decided.pairs(np.zeros((0, 64, 64, 3), np.uint8))
+    pairs = decided_pairs(decided, np.zeros((0, 64, 64, 3), np.uint8))
     encoded = UnitDecider(encoder, **common, encode_quality=90).decide(prepared())
     assert encoded.winners is None and encoded.masks.tolist() == decided.masks.tolist()
     for i, key in enumerate(decided.ok_keys):

@@ -7,9 +7,9 @@ import errno
 import pytest
 
 from pipeline.config import GenerateConfig
-from pipeline.distribute import Sizing, one_line, size_from_cluster, storage_error, units_in_flight
+from pipeline.distribute import Sizing, size_from_cluster, storage_error, units_in_flight
 from pipeline.run import check_output
-from stages.errors import UserError
+from stages.errors import UserError, one_line
 from stages.storage import LocalStore
 from tests.shard_fixtures import make_output
 

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import GenerateConfig
-from pipeline.actor import FAULTS_ENV
+from pipeline.faults import FAULTS_ENV
 from pipeline.distribute import UNIT_RETRIES
 from pipeline.run import generate
 from stages.errors import UserError

@@ -17,7 +17,7 @@ import pytest
 import ray
 from typer.testing import CliRunner
 
-from pipeline.actor import FAULTS_ENV
+from pipeline.faults import FAULTS_ENV
 from pipeline.cli import app
 from pipeline.config import GenerateConfig
 from pipeline.run import generate
