@@ -154,7 +154,8 @@ def stage_costs(llava: Path, root: Path, model: Path, n: int, repeats: int = 3) 
     from stages.listing import list_input
     from stages.prepare import prepare_unit
     from stages.read import read_slice
-    from stages.tower import load_encoder, resolve_tower
+    from stages.model.factory import load_encoder
+    from stages.model.tower import resolve_tower
     from stages.writer import write_unit
 
     torch.set_num_threads(1)
@@ -211,8 +212,9 @@ def encoder_flops(model: str, merge: int) -> dict:
     """FLOPs per image of the saliency forward, merged and un-merged (structure only, no weights)."""
     from encoder import saliency_flops
 
-    from stages.encoder import MergingEncoder
-    from stages.tower import build_clip, resolve_tower
+    from stages.model.encoder import MergingEncoder
+    from stages.model.factory import build_clip
+    from stages.model.tower import resolve_tower
 
     visual = build_clip(resolve_tower(model, "none"), None, device="meta").visual
     merged, plain = MergingEncoder(visual, merge=merge), MergingEncoder(visual, merge=0)

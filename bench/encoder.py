@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages.encoder import MergingEncoder  # noqa: E402
-from stages.tower import load_encoder  # noqa: E402
+from stages.model.encoder import MergingEncoder  # noqa: E402
+from stages.model.factory import load_encoder  # noqa: E402
 
 
 def saliency_flops(enc: MergingEncoder, schedule: list[int]) -> float:

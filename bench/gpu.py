@@ -30,7 +30,8 @@ import torch
 from codec import codec_floor
 from common import SCRATCH, commit_times, init_ray, large_input, print_table, run_generate, save
 from encoder import saliency_flops
-from stages.tower import load_encoder, model_geometry
+from stages.model.factory import load_encoder
+from stages.model.configs import model_geometry
 
 PATHS = {"pil": {"image_ops": "pil"}, "torch": {"image_ops": "torch"},
          "torch+encode": {"image_ops": "torch", "device_encode": True}}

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from common import SCRATCH, init_ray, print_table, run_generate, sample_input, save
-from stages.tower import load_encoder
+from stages.model.factory import load_encoder
 from stages.preprocess import load_pixels
 
 

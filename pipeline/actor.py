@@ -23,7 +23,7 @@ class UnitWorker:
         import torch
 
         from pipeline.config import GenerateConfig
-        from stages.tower import load_encoder
+        from stages.model.factory import load_encoder
         from stages.decide import UnitDecider
 
         torch.set_num_threads(threads)

@@ -18,8 +18,9 @@ from stages.errors import UserError
 from stages.methods import LAM_MODES, METHODS
 from stages.ratios import parse_lam_spec
 from stages.preprocess import IMAGE_OPS, RESIZE_MODES
-from stages.schedule import SCHEDULES
-from stages.tower import HF_HUB_PREFIX, PRECISIONS, parse_triple
+from stages.tome.schedule import SCHEDULES
+from stages.model.constants import HF_HUB_PREFIX, PRECISIONS
+from stages.model.tower import parse_triple
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISION_NAMES = tuple(PRECISIONS)
@@ -40,7 +41,7 @@ class GenerateConfig:
     folder_labels: bool = False
     model: str = "ViT-L-14-336"
     pretrained: str = "openai"
-    # How a local checkpoint was trained (None: from the tag, the config, or open_clip's defaults; stages.tower).
+    # How a local checkpoint was trained (None: from the tag, the config, or open_clip's defaults; stages.model.tower).
     quick_gelu: bool | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -152,7 +153,7 @@ class GenerateConfig:
 
     def fingerprint(self, input_digest: str = "", tower: dict | None = None, image_ops: str | None = None) -> str:
         """Hash of everything that shapes the output: these keys, the input's records, the
-        tower's resolved settings (activation, mean/std, interpolation: stages.tower) and the image
+        tower's resolved settings (activation, mean/std, interpolation: stages.model.tower) and the image
         path as it resolved for the run (`image_ops`; None: the flag's, auto counting as pil). Not
         where the input lives: the same records read from a disk or a bucket give the same shards."""
         keys = {k: v for k, v in self.output_keys().items() if k not in LOCATION_KEYS}

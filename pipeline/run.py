@@ -28,9 +28,10 @@ from stages.errors import UserError, one_line
 from stages.lease import Lease
 from stages.listing import default_image_root, detect_kind, list_input
 from stages.outdir import committed_units, read_run_file, remove_leftovers, remove_output
-from stages.schedule import merge_schedule
+from stages.tome.schedule import merge_schedule
 from stages.storage import input_fs, is_url, open_store
-from stages.tower import resolve_pretrained, resolve_tower
+from stages.model.weights import resolve_pretrained
+from stages.model.tower import resolve_tower
 from stages.writer import package_versions, write_run_files
 
 

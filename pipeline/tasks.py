@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from stages.compose import decided_pairs
 from stages.prepare import prepare_unit
-from stages.preprocess import CLIP_MEAN_RGB
+from stages.model.constants import CLIP_MEAN_RGB
 from stages.read import read_slice
 from stages.storage import open_store
 from stages.units import PreparedUnit, Unit, UnitDecisions

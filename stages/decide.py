@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from schemas.shard import BLEND_METHODS
-from stages.preprocess import CLIP_MEAN_RGB
+from stages.model.constants import CLIP_MEAN_RGB
 from stages.units import PreparedUnit, UnitDecisions
 
 # torch and the mixing stage are imported inside UnitDecider only: the CPU tasks that unpickle
@@ -23,7 +23,7 @@ from stages.units import PreparedUnit, UnitDecisions
 if TYPE_CHECKING:
     import torch
 
-    from stages.encoder import MergingEncoder
+    from stages.model.encoder import MergingEncoder
 
 
 class UnitDecider:

@@ -11,7 +11,8 @@ import time
 import numpy as np
 
 from schemas.shard import empty_row, sample_key
-from stages.preprocess import CLIP_MEAN_RGB, device_jpeg_size, load_pixels
+from stages.model.constants import CLIP_MEAN_RGB
+from stages.preprocess import device_jpeg_size, load_pixels
 from stages.read import InputError, InputRecord, clean_text, close_handles, load_image_bytes
 from stages.units import PreparedUnit
 
@@ -20,7 +21,7 @@ def prepare_unit(unit_id: int, first_index: int, records: list[InputRecord], ima
                  resize: str, image_root: str | None, fill=CLIP_MEAN_RGB, interpolation: str = "bicubic",
                  storage_options: dict | None = None, image_ops: str = "pil") -> PreparedUnit:
     """Decode one unit's inputs. Bad input becomes a failed/skipped row, never an exception.
-    `fill` (pad and transparency colour) and `interpolation` are the tower's (stages.tower).
+    `fill` (pad and transparency colour) and `interpolation` are the tower's (stages.model.tower).
     `image_ops="torch"` leaves plain JPEGs to the encoder actor (PreparedUnit.jpegs)."""
     start = time.perf_counter()
     root = image_root or None  # a local folder or an object-store URL (stages.read)

@@ -19,11 +19,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stages.read import InputError
-from stages.tower import OPENAI_MEAN
+from stages.model.constants import CLIP_MEAN_RGB
 
 RESIZE_MODES = ("pad", "center-crop", "squash")
 MAX_PIXELS = 90_000_000  # refuse larger declared sizes before decoding (decompression bombs)
-CLIP_MEAN_RGB = tuple(int(255 * m) for m in OPENAI_MEAN)  # (122, 116, 104), as LLaVA pads: the default fill
 RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}  # the interpolations open_clip's tags use
 IMAGE_OPS = ("auto", "pil", "torch")  # where images are decoded and fitted: here (pil), or in the encoder actor (torch)
 

@@ -24,7 +24,8 @@ from PIL import Image
 
 from pipeline.config import GenerateConfig
 from pipeline.run import generate
-from stages.preprocess import CLIP_MEAN_RGB, decode_rgb
+from stages.model.constants import CLIP_MEAN_RGB
+from stages.preprocess import decode_rgb
 from stages.read import InputError
 from stages.validate import validate_output
 from tests.conftest import local_ray, make_image

@@ -6,7 +6,7 @@ import numpy as np
 
 from stages.decide import UnitDecider
 from stages.units import PreparedUnit
-from stages.tower import load_encoder
+from stages.model.factory import load_encoder
 from schemas.shard import empty_row, sample_key
 from tests.conftest import make_image
 

@@ -21,7 +21,7 @@ from stages.device_images import decode_jpegs, encode_jpegs, fit, unit_images
 from stages.prepare import prepare_unit
 from stages.preprocess import decode_rgb, device_jpeg_size, load_pixels
 from stages.read import InputError, InputRecord
-from stages.tower import load_encoder
+from stages.model.factory import load_encoder
 from stages.writer import encode_image
 from tests.conftest import make_image
 

@@ -8,8 +8,8 @@ import open_clip
 import pytest
 import torch
 
-from stages.encoder import MergingEncoder
-from stages.tower import load_encoder
+from stages.model.encoder import MergingEncoder
+from stages.model.factory import load_encoder
 from stages.errors import UserError
 from tests.conftest import TINY_MODEL_CONFIG, direct_cls_attention
 

@@ -331,7 +331,7 @@ def test_cli_run_prints_the_tower_and_worker_warnings_once(tiny_model_config, de
     assert proc.returncode == 0, proc.stderr[-2000:]
     err = proc.stderr
     assert err.count("activation GELU, mean (0.48145466, 0.4578275, 0.40821073)") == 1
-    assert err.count("worker: stages.tower: RANDOM WEIGHTS") == 1  # two actors, one line
+    assert err.count("worker: stages.model.factory: RANDOM WEIGHTS") == 1  # two actors, one line
     assert err.count("worker: open_clip: No pretrained weights loaded") == 1
     assert "Token authentication" not in err and "auth_token" not in err
     summary = dict(line.split(None, 1) for line in proc.stdout.splitlines() if line.startswith(("tower", "units")))
@@ -385,7 +385,7 @@ def test_cli_torch_image_ops_keep_the_invariants_and_the_pil_pixels(tiny_model_c
     import torch
 
     from stages.compose import compose_loser
-    from stages.tower import load_encoder
+    from stages.model.factory import load_encoder
 
     out = tmp_path / "out"
     proc = run_cli(tiny_model_config, demo, out, "--image-ops", "torch", "--image-format", "png")
@@ -417,7 +417,7 @@ def test_cli_device_encode_and_compile_give_the_write_tasks_bytes(tiny_model_con
     import torch
 
     from stages.compose import compose_loser
-    from stages.tower import load_encoder
+    from stages.model.factory import load_encoder
     from stages.writer import encode_image
 
     out = tmp_path / "out"

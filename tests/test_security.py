@@ -71,7 +71,7 @@ def test_every_torch_load_uses_weights_only():
 
 def test_encoder_checkpoint_path_is_not_unpickled(tiny_model_config, tmp_path):
     """A --pretrained PATH that carries code is refused by torch's weights-only loader."""
-    from stages.tower import load_encoder
+    from stages.model.factory import load_encoder
 
     marker = tmp_path / "pwned"
     torch.save({"state_dict": {"x": _Payload(marker)}}, tmp_path / "evil.pt")

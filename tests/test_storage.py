@@ -109,7 +109,7 @@ def test_the_commit_protocol_in_memory(tmp_path):
 def test_merge_and_attn_layer_are_checked_against_the_tower_before_any_worker(tiny_model_config):
     from pipeline.config import GenerateConfig
     from pipeline.run import check_merging
-    from stages.tower import resolve_tower
+    from stages.model.tower import resolve_tower
 
     tower = resolve_tower(str(tiny_model_config), "none")
     base = dict(input="x.json", output="out", model=str(tiny_model_config), pretrained="none")

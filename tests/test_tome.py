@@ -1,11 +1,12 @@
-"""The ToMe algorithm (stages.tome) on plain tensors: bipartite merging keeps CLS first, never
+"""The ToMe algorithm (stages.tome.merge) on plain tensors: bipartite merging keeps CLS first, never
 merges it, conserves the size-weighted mass and tracks every patch; the schedule rules."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from stages.tome import MergeState, bipartite_merge, matching_margin, max_merge, merge_schedule
+from stages.tome.merge import MergeState, bipartite_merge, matching_margin
+from stages.tome.schedule import max_merge, merge_schedule
 
 
 def test_merge_keeps_cls_first_and_conserves_mass():

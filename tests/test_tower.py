@@ -18,10 +18,13 @@ import torch
 from open_clip.pretrained import get_pretrained_cfg
 from torch import nn
 
-from stages.encoder import MergingEncoder
-from stages.tower import build_clip, load_encoder
+from stages.model.encoder import MergingEncoder
+from stages.model.factory import build_clip, load_encoder
 from stages.errors import UserError
-from stages.tower import OPENAI_MEAN, parse_hf_hub, resolve_pretrained, resolve_tower, unsupported_reason
+from stages.model.constants import OPENAI_MEAN
+from stages.model.hub import parse_hf_hub
+from stages.model.weights import resolve_pretrained
+from stages.model.tower import resolve_tower, unsupported_reason
 from tests.conftest import TINY_MODEL_CONFIG, direct_cls_attention
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -270,7 +273,7 @@ def test_hf_hub_tower_from_the_hub_cache(monkeypatch, tmp_path):
 
 
 def test_pad_colour_follows_the_mean():
-    from stages.tower import Tower
+    from stages.model.tower import Tower
 
     def pad(mean):
         return Tower("m", "m", None, False, mean, (1.0, 1.0, 1.0), "bicubic", (224, 224), (16, 16), "").pad_rgb

@@ -1,10 +1,10 @@
 """The pixel-to-saliency encoder: an open_clip ViT run block by block with token merging,
 returning the CLS-row attention of one block recovered onto the patch grid.
 
-`MergingEncoder` wraps a built vision tower (stages.tower builds it with the settings of its
+`MergingEncoder` wraps a built vision tower (stages.model.factory builds it with the settings of its
 weights): it embeds uint8 pixels with the normalisation folded into the patch embedding,
-runs the blocks before the saliency layer with merging (stages.tome_openclip, the adapter of
-the ToMe algorithm in stages.tome), and at the saliency layer computes only the CLS query's
+runs the blocks before the saliency layer with merging (stages.tome.openclip, the adapter of
+the ToMe algorithm in stages.tome.merge), and at the saliency layer computes only the CLS query's
 attention row. With R = 0 it reproduces the stock tower exactly (tests/test_encoder.py).
 """
 from __future__ import annotations
@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.errors import UserError
-from stages.tome import MergeState, merge_schedule
-from stages.tome_openclip import check_supported, cls_attention, merged_block
-from stages.tower import OPENAI_MEAN, OPENAI_STD, Tower
+from stages.tome.merge import MergeState
+from stages.tome.schedule import merge_schedule
+from stages.tome.openclip import check_supported, cls_attention, merged_block
+from stages.model.constants import OPENAI_MEAN, OPENAI_STD
+from stages.model.tower import Tower
 
 COMPILE_BACKEND_ENV = "MERGEMIX_COMPILE_BACKEND"  # torch.compile backend for --compile; default inductor
 

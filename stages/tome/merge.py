@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.schedule import SCHEDULES, max_merge, merge_schedule  # noqa: F401  (the algorithm's API)
+from stages.tome.schedule import max_merge
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Token merging inside open_clip's ViT blocks: the adaptation of the algorithm (stages.tome)
+"""Token merging inside open_clip's ViT blocks: the adaptation of the algorithm (stages.tome.merge)
 to one library's modules.
 
 Both open_clip block types (nn.MultiheadAttention and open_clip's own Attention) keep the
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.errors import UserError
-from stages.tome import MergeState, bipartite_merge, matching_margin
+from stages.tome.merge import MergeState, bipartite_merge, matching_margin
 
 
 def check_supported(visual: nn.Module) -> None:

@@ -1,6 +1,6 @@
 """How many tokens each block merges: the schedule of R merges over the blocks before the
 saliency layer. Plain Python (no torch), so the driver checks --merge against the tower's
-geometry before any worker starts (stages.tome runs it)."""
+geometry before any worker starts (stages.tome.merge runs it)."""
 from __future__ import annotations
 
 SCHEDULES = ("constant", "decreasing")
