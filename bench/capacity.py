@@ -18,7 +18,7 @@ host side of nvJPEG and of the fit's launches on a GPU is not measured here.
 
 GPU side, derived until a GPU run measures it: images/s of the merged encoder (FLOPs of the blocks
 up to the saliency row, as bench/encoder.py counts them) at a stated share of the GPU's dense bf16
-peak; on the torch path plus the exact float64 resample of stages.device_images at the same share
+peak; on the torch path plus the exact float64 resample of stages.imaging.device at the same share
 of the FP64 peak. nvJPEG's hardware decoder works beside the SMs and nvJPEG encoding
 (--device-encode) is not modelled: both wait for bench/gpu.py.
 
@@ -149,10 +149,10 @@ def stage_costs(llava: Path, root: Path, model: Path, n: int, repeats: int = 3) 
     import ray
     import torch
 
-    from stages.compose import decided_pairs
+    from stages.imaging.compose import decided_pairs
     from stages.decide import UnitDecider
     from stages.listing import list_input
-    from stages.prepare import prepare_unit
+    from stages.imaging.prepare import prepare_unit
     from stages.read import read_slice
     from stages.model.factory import load_encoder
     from stages.model.tower import resolve_tower
@@ -223,7 +223,7 @@ def encoder_flops(model: str, merge: int) -> dict:
 
 
 def resample_flops(source: tuple[int, int], size: int) -> float:
-    """float64 FLOPs of stages.device_images.fit for one image padded to a square: two dense passes."""
+    """float64 FLOPs of stages.imaging.device.fit for one image padded to a square: two dense passes."""
     side = max(source)
     return 2 * 3 * (side * side * size + size * side * size)
 

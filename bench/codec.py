@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from common import SCRATCH, init_ray, large_input, print_table, run_generate, sample_input, save, tiny_model
-from stages.preprocess import load_pixels
-from stages.writer import encode_image
+from stages.imaging.decode import load_pixels
+from stages.imaging.codec import encode_image
 
 
 def codec_floor(llava: Path, root: Path, n: int, size: int, patch: int) -> float:

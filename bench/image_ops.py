@@ -1,5 +1,5 @@
 """The torch image path's pixels against the pil path's, on photographs: the same JPEG through
-stages.preprocess.load_pixels (PIL) and through stages.device_images (decode on --device, Pillow's
+stages.imaging.decode.load_pixels (PIL) and through stages.imaging.device (decode on --device, Pillow's
 resampling in torch), every resize mode, at the encoder geometry. Prints the largest and mean
 difference and the share of values that differ, and the time per image of each path.
 
@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from common import large_input, print_table, save
-from stages.device_images import decode_jpegs, fit
-from stages.preprocess import load_pixels
+from stages.imaging.device import decode_jpegs, fit
+from stages.imaging.decode import load_pixels
 
 FILL = (122, 116, 104)
 

@@ -23,7 +23,7 @@ import torch
 
 from common import SCRATCH, init_ray, print_table, run_generate, sample_input, save
 from stages.model.factory import load_encoder
-from stages.preprocess import load_pixels
+from stages.imaging.decode import load_pixels
 
 
 def encoder_only(model: str, merge: int, batch: int, device: str, precision: str, threads: int, llava, root,

@@ -17,7 +17,7 @@ from schemas.shard import IMAGE_FORMATS
 from stages.errors import UserError
 from stages.methods import LAM_MODES, METHODS
 from stages.ratios import parse_lam_spec
-from stages.preprocess import IMAGE_OPS, RESIZE_MODES
+from stages.imaging.decode import IMAGE_OPS, RESIZE_MODES
 from stages.tome.schedule import SCHEDULES
 from stages.model.constants import HF_HUB_PREFIX, PRECISIONS
 from stages.model.tower import parse_triple
@@ -62,7 +62,7 @@ class GenerateConfig:
     batch_size: int = 64
     device: str = "auto"  # auto | cpu | cuda
     # Where images are decoded and fitted: pil in the CPU prepare tasks; torch in the encoder actor, on
-    # its device (stages.device_images); auto: torch where the encoder runs on CUDA, else pil.
+    # its device (stages.imaging.device); auto: torch where the encoder runs on CUDA, else pil.
     image_ops: str = "auto"
     device_encode: bool = False  # torch image ops: the actor JPEG-encodes winners and losers (nvJPEG on CUDA)
     compile: bool = False  # torch.compile the encoder's blocks

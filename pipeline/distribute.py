@@ -101,7 +101,7 @@ def _threads(default: int) -> int:
 def resolve_image_ops(image_ops: str, device: str, address: str | None, device_encode: bool = False) -> str:
     """The image path of a run, pil or torch. auto: torch where the encoder actors run on CUDA, pil
     on CPU; with --device auto that is the cluster's to say, so this connects to it. Resolved before
-    the fingerprint: the two paths differ in pixels (stages.device_images)."""
+    the fingerprint: the two paths differ in pixels (stages.imaging.device)."""
     if image_ops == "auto":
         if device == "auto":
             connect(address)

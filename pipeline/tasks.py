@@ -8,8 +8,8 @@ what it imports, free of torch.
 """
 from __future__ import annotations
 
-from stages.compose import decided_pairs
-from stages.prepare import prepare_unit
+from stages.imaging.compose import decided_pairs
+from stages.imaging.prepare import prepare_unit
 from stages.model.constants import CLIP_MEAN_RGB
 from stages.read import read_slice
 from stages.storage import open_store

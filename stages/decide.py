@@ -1,11 +1,11 @@
 """The encoder actor's decisions for one unit: saliency, a lam per sample, the partner
 derangement inside the unit, and the masks (stages.mix). The actor returns these, kilobytes,
 instead of a unit of images: the write task composes each patch-selection loser from the
-prepared pixels it already holds (stages.compose). Only losers that are not a selection of
+prepared pixels it already holds (stages.imaging.compose). Only losers that are not a selection of
 two unit images (mixup, resizemix, blur) travel as pixels.
 
 With the torch image path the actor also decodes and fits the unit's plain JPEGs itself
-(stages.device_images) and returns the winners it saw; with `encode_quality` set it composes the
+(stages.imaging.device) and returns the winners it saw; with `encode_quality` set it composes the
 losers on the device and returns JPEG bytes of both, so the write task only packs them."""
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ class UnitDecider:
         enc = self.encoder
         if unit.jpegs is None:
             return torch.from_numpy(unit.pixels).to(enc.device), {}
-        from stages.device_images import unit_images
+        from stages.imaging.device import unit_images
 
         tower = enc.tower
         fill = tower.pad_rgb if tower is not None else CLIP_MEAN_RGB
@@ -142,7 +142,7 @@ class UnitDecider:
         losers = None if result.loser is None else result.loser.cpu().numpy()
         winners = None
         if unit.jpegs is not None:  # torch image path: the writer stores what the encoder saw
-            from stages.device_images import to_host
+            from stages.imaging.device import to_host
 
             winners = to_host(pixels)
         return UnitDecisions(unit.unit_id, unit.rows, masks, partner, losers, timings, winners, images=images)
@@ -152,7 +152,7 @@ class UnitDecider:
         chunk at a time; the write task then only packs the bytes."""
         import torch
 
-        from stages.device_images import encode_jpegs
+        from stages.imaging.device import encode_jpegs
         from stages.mix import mix_pixels, upsample_mask
 
         enc = self.encoder

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stages.device_images import resample
+from stages.imaging.resample import resample
 from stages.methods import (  # noqa: F401  (re-exported)
     BLUR_SIGMA_PATCHES, LAM_MODES, METHODS, NEEDS_SALIENCY, PATCH_SELECT, RESIZEMIX_SCOPE,
 )
@@ -250,7 +250,7 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
     itself (sigma BLUR_SIGMA_PATCHES = half the larger patch side); no partner pixels.
 
     For PATCH_SELECT methods the loser is x_i on the mask and x_j elsewhere, exactly; the one
-    composer of those is stages.compose.compose_loser (numpy), run by whoever holds the pixels
+    composer of those is stages.imaging.compose.compose_loser (numpy), run by whoever holds the pixels
     (`generate`'s write task), so MixResult.loser is None for them.
     """
     if method not in METHODS:

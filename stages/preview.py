@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from stages.compose import upsample
+from stages.imaging.compose import upsample
 from stages.errors import UserError
 from stages.shardread import iter_tar_samples, output_store, read_sample, resolve_shards
 

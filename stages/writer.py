@@ -32,28 +32,13 @@ from schemas.shard import (
     table_from_rows,
 )
 from stages.card import write_card
-from stages.compose import PairImages
+from stages.imaging.codec import encode_image
+from stages.imaging.compose import PairImages
 from stages.outdir import committed_units
 from stages.storage import open_store
 
 TAR_MTIME = 0  # fixed so identical content gives identical bytes
 WRITE_CHUNK = 64  # samples encoded and typed at a time (bounds the write task's memory)
-
-
-def encode_image(pixels: np.ndarray, image_format: str, jpeg_quality: int = 95) -> bytes:
-    """Encode uint8 pixels. jpg uses 4:4:4 chroma (no subsampling: mask edges stay sharp);
-    png and webp are lossless, so decoding gives back exactly `pixels`."""
-    img = Image.fromarray(pixels)
-    buf = io.BytesIO()
-    if image_format == "jpg":
-        img.save(buf, format="JPEG", quality=jpeg_quality, subsampling=0)
-    elif image_format == "png":
-        img.save(buf, format="PNG", compress_level=6)
-    elif image_format == "webp":
-        img.save(buf, format="WEBP", lossless=True, quality=80, method=4, exact=True)
-    else:
-        raise ValueError(f"image format {image_format!r} is not one of {IMAGE_FORMATS}")
-    return buf.getvalue()
 
 
 def _check_pair(key: str, pair: PairImages, method: str | None = None, lam: float | None = None) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from schemas.shard import empty_row, sample_key
-from stages.compose import PairImages
+from stages.imaging.compose import PairImages
 from stages.writer import write_run_files, write_unit
 
 H, W, PATCH = 32, 48, 8  # image size and patch size -> grid 4 x 6

@@ -25,7 +25,7 @@ from PIL import Image
 from pipeline.config import GenerateConfig
 from pipeline.run import generate
 from stages.model.constants import CLIP_MEAN_RGB
-from stages.preprocess import decode_rgb
+from stages.imaging.decode import decode_rgb
 from stages.read import InputError
 from stages.validate import validate_output
 from tests.conftest import local_ray, make_image
@@ -397,7 +397,7 @@ def test_decompression_bombs_are_refused_before_decoding(tmp_path):
 import resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 from pathlib import Path
-from stages.preprocess import decode_rgb
+from stages.imaging.decode import decode_rgb
 from stages.read import InputError
 for path in sorted(Path(sys.argv[1]).glob("*.bin")):
     t = time.perf_counter()

@@ -1,11 +1,11 @@
-"""stages.compose: the one patch-selection loser composer (numpy), bit for bit the formula
+"""stages.imaging.compose: the one patch-selection loser composer (numpy), bit for bit the formula
 M * x_i + (1 - M) * x_j, and the key -> pair mapping the write task reads."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from stages.compose import compose_loser, pair_images, upsample
+from stages.imaging.compose import compose_loser, pair_images, upsample
 
 H, W, PATCH = 32, 48, (8, 8)
 GRID = (H // PATCH[0], W // PATCH[1])

@@ -3,7 +3,7 @@ actor, decoding and fitting them there (device="cpu" here, the same code as on C
 actor's decisions with them (tests/test_generate.py runs it through the CLI).
 
 Pixels against the pil path: the same JPEG decode (libjpeg on CPU) and Pillow's resampling done in
-torch (its fixed-point weights, exact integer sums) give stages.preprocess.load_pixels' pixels, bit
+torch (its fixed-point weights, exact integer sums) give stages.imaging.decode.load_pixels' pixels, bit
 for bit: the tolerance on CPU is 0. On CUDA only nvJPEG's decode differs.
 """
 from __future__ import annotations
@@ -15,14 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.compose import compose_loser, decided_pairs
+from stages.imaging.compose import compose_loser, decided_pairs
 from stages.decide import UnitDecider
-from stages.device_images import decode_jpegs, encode_jpegs, fit, unit_images
-from stages.prepare import prepare_unit
-from stages.preprocess import decode_rgb, device_jpeg_size, load_pixels
+from stages.imaging.device import decode_jpegs, encode_jpegs, fit, unit_images
+from stages.imaging.prepare import prepare_unit
+from stages.imaging.decode import decode_rgb, device_jpeg_size, load_pixels
 from stages.read import InputError, InputRecord
 from stages.model.factory import load_encoder
-from stages.writer import encode_image
+from stages.imaging.codec import encode_image
 from tests.conftest import make_image
 
 pytestmark = pytest.mark.timeout(300)

@@ -105,7 +105,7 @@ def test_llava_json_end_to_end(tiny_model_config, demo, tmp_path):
 def test_stored_mask_and_winner_are_exactly_what_was_used(tiny_model_config, demo, tmp_path):
     """loser == M * winner + (1 - M) * partner_winner, pixel for pixel, with the stored mask;
     the winner equals the encoder's input pixels recomputed from the source image."""
-    from stages.preprocess import load_pixels
+    from stages.imaging.decode import load_pixels
 
     out = tmp_path / "out"
     generate(config(tiny_model_config, demo / "llava.json", out, image_root=str(demo)))
@@ -291,7 +291,7 @@ def test_cli_one_line_errors(tiny_model_config, demo, tmp_path):
 def test_tower_settings_shape_the_pixels_and_the_fingerprint(tiny_model_config, demo, tmp_path):
     """The pad colour is the tower's mean (int(255 * mean)) and the resize its interpolation,
     taken here from a model config's preprocess_cfg; both are in run.json and the fingerprint."""
-    from stages.preprocess import load_pixels
+    from stages.imaging.decode import load_pixels
 
     cfg = json.loads(tiny_model_config.read_text()) | {
         "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear"}}
@@ -372,7 +372,7 @@ def run_cli(tiny_model_config, demo, out, *flags):
 
 
 def _fitted(demo, row) -> np.ndarray:
-    from stages.preprocess import load_pixels
+    from stages.imaging.decode import load_pixels
 
     return load_pixels((demo / "images" / f"{row['source_id'][5:]}.jpg").read_bytes(), (64, 64), "pad")[0]
 
@@ -384,7 +384,7 @@ def test_cli_torch_image_ops_keep_the_invariants_and_the_pil_pixels(tiny_model_c
     run.json, the unit stats and the fingerprint: a pil resume of it is refused."""
     import torch
 
-    from stages.compose import compose_loser
+    from stages.imaging.compose import compose_loser
     from stages.model.factory import load_encoder
 
     out = tmp_path / "out"
@@ -416,9 +416,9 @@ def test_cli_device_encode_and_compile_give_the_write_tasks_bytes(tiny_model_con
     that cannot work together are one line each."""
     import torch
 
-    from stages.compose import compose_loser
+    from stages.imaging.compose import compose_loser
     from stages.model.factory import load_encoder
-    from stages.writer import encode_image
+    from stages.imaging.codec import encode_image
 
     out = tmp_path / "out"
     proc = run_cli(tiny_model_config, demo, out, "--image-ops", "torch", "--device-encode", "--compile")

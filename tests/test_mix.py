@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from stages import mix
-from stages.compose import compose_loser
+from stages.imaging.compose import compose_loser
 from stages.errors import UserError
 from tests.conftest import make_image
 
@@ -49,7 +49,7 @@ def run(method: str, d: dict, **kw) -> mix.MixResult:
 
 def losers(r: mix.MixResult, d: dict) -> torch.Tensor:
     """Every sample's loser: shipped by make_losers (blends, blurs, resized pastes), or composed
-    from the mask by the one patch-selection composer, stages.compose."""
+    from the mask by the one patch-selection composer, stages.imaging.compose."""
     if r.loser is not None:
         return r.loser
     px, partner = d["pixels"].cpu().numpy(), d["partner"].cpu().numpy()

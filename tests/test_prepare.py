@@ -1,4 +1,4 @@
-"""The prepare task's unit (stages.prepare): one row per input, in order, ok rows carrying the
+"""The prepare task's unit (stages.imaging.prepare): one row per input, in order, ok rows carrying the
 exact pixels the encoder will see; a bad input costs its row, never the unit."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from stages.preprocess import load_pixels
-from stages.prepare import prepare_unit
+from stages.imaging.decode import load_pixels
+from stages.imaging.prepare import prepare_unit
 from stages.read import InputRecord
 from tests.conftest import make_image
 

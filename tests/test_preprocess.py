@@ -1,4 +1,4 @@
-"""Fitting a decoded image to the encoder geometry (stages.preprocess): the three resize
+"""Fitting a decoded image to the encoder geometry (stages.imaging.decode): the three resize
 modes, the fill colour, the interpolation, and the size reported for the original."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.preprocess import decode_rgb, load_pixels, resize_to
+from stages.imaging.decode import decode_rgb, load_pixels, resize_to
 
 
 def png(img: Image.Image) -> bytes:

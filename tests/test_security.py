@@ -29,7 +29,7 @@ from stages.errors import UserError
 from stages.training.loader import ShardDataset
 from stages.shardread import iter_tar_members, resolve_shards
 from stages.validate import validate_output
-from stages.compose import PairImages
+from stages.imaging.compose import PairImages
 from stages.writer import write_unit
 from tests.conftest import make_image
 

@@ -20,7 +20,7 @@ from schemas.shard import empty_row, sample_key
 from stages.errors import UserError
 from stages.training.loop import CHECKPOINT, LOG, TrainConfig, cosine_with_warmup, evaluate, load_trained, train
 from stages.training.vlm import ToyVLM, build_adapter
-from stages.compose import PairImages
+from stages.imaging.compose import PairImages
 from stages.writer import write_run_files, write_unit
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,9 @@ from PIL import Image
 from schemas.shard import FIELDS, SCHEMA_VERSION, sample_key
 from stages.outdir import committed_units, read_stats, remove_leftovers
 from stages.storage import LocalStore
-from stages.compose import PairImages
-from stages.writer import encode_image, write_run_files, write_unit
+from stages.imaging.compose import PairImages
+from stages.imaging.codec import encode_image
+from stages.writer import write_run_files, write_unit
 from tests.shard_fixtures import GRID, H, W, make_output, synthetic_pair, unit_rows
 
 

@@ -119,7 +119,7 @@ def load_pixels(data: bytes, size: tuple[int, int], mode: str = "pad", fill=CLIP
 
 # --- the torch image path's routing ---------------------------------------------------------
 # With --image-ops torch the prepare task leaves plain JPEGs encoded: the encoder actor decodes them
-# in batches on its device (stages.device_images). Everything else still comes through load_pixels
+# in batches on its device (stages.imaging.device). Everything else still comes through load_pixels
 # here, so every outcome and reason stays PIL's.
 
 EXIF_ORIENTATION = 0x0112

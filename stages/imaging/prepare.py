@@ -4,7 +4,7 @@ exception for the unit; the ok rows' pixels are the exact uint8 images the encod
 and the writer will store as winners.
 
 With the torch image path (`image_ops="torch"`) plain JPEGs are left encoded: the encoder actor
-decodes and fits them on its device (stages.device_images); the rest are decoded here as always."""
+decodes and fits them on its device (stages.imaging.device); the rest are decoded here as always."""
 from __future__ import annotations
 
 import time
@@ -12,7 +12,7 @@ import numpy as np
 
 from schemas.shard import empty_row, sample_key
 from stages.model.constants import CLIP_MEAN_RGB
-from stages.preprocess import device_jpeg_size, load_pixels
+from stages.imaging.decode import device_jpeg_size, load_pixels
 from stages.read import InputError, InputRecord, clean_text, close_handles, load_image_bytes
 from stages.units import PreparedUnit
 

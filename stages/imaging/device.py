@@ -1,16 +1,13 @@
 """The torch image path (`--image-ops torch`), run in the encoder actor: the JPEGs a prepare task
 left encoded are decoded in batches on the encoder's device (nvJPEG through torchvision on CUDA,
 libjpeg on CPU), fitted to the encoder geometry in torch (pad / center-crop / squash and Pillow's
-resize, as stages.preprocess does with PIL), and joined with the images the prepare task decoded
-itself (stages.preprocess.device_jpeg_size decides which) into the one uint8 batch the encoder
+resize, as stages.imaging.decode does with PIL), and joined with the images the prepare task decoded
+itself (stages.imaging.decode.device_jpeg_size decides which) into the one uint8 batch the encoder
 sees and the writer stores. Optionally the actor also JPEG-encodes winners and losers
 (`encode_jpegs`), so that write tasks only pack tars.
 
-Pixels against the pil path: resampling is Pillow's own, reproduced exactly: its fixed-point
-weights (computed here as libImaging/Resample.c computes them) applied as a float64 matrix product,
-whose integer sums are exact in any order, on CPU or GPU. torch's own antialiased interpolate uses
-the same kernels in float and drifts up to 6 levels from Pillow at sharp edges. On CPU the JPEG
-decode is libjpeg's, as Pillow's, so the torch path's pixels are the pil path's, bit for bit
+Pixels against the pil path: resampling is Pillow's own, reproduced exactly (stages.imaging.resample).
+On CPU the JPEG decode is libjpeg's, as Pillow's, so the torch path's pixels are the pil path's, bit for bit
 (tests/test_device_images.py; bench/image_ops.py on photos). On CUDA nvJPEG decodes: its IDCT and
 chroma upsampling are not libjpeg's, so there the pixels differ by what the decoders differ (not yet
 measured). The price of exactness is float64: about 1.3 GFLOP per 640x480 image padded to 336 px,
@@ -22,14 +19,14 @@ this path uses (their DeprecationWarning is silenced here), a move to TorchCodec
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from stages.preprocess import RESIZE_MODES, load_pixels
+from stages.imaging.resample import resample
+from stages.imaging.decode import RESIZE_MODES, load_pixels
 from stages.units import PreparedUnit
 from stages.read import InputError
 
@@ -73,93 +70,15 @@ def decode_jpegs(datas: list[bytes], device) -> list[torch.Tensor | None]:
         for t in tensors:
             try:
                 decoded.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device))
-            except Exception:  # PIL decides what it is (stages.preprocess names the reason)
+            except Exception:  # PIL decides what it is (stages.imaging.decode names the reason)
                 decoded.append(None)
         return decoded
-
-
-PRECISION_BITS = 22  # Pillow resamples 8-bit images in fixed point with 22 fractional bits
-SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}
-
-
-def _kernel(x: np.ndarray, interpolation: str) -> np.ndarray:
-    """Pillow's filters, operation for operation (bicubic: Keys, a = -0.5)."""
-    x = np.abs(x)
-    if interpolation == "bilinear":
-        return np.where(x < 1.0, 1.0 - x, 0.0)
-    a = -0.5
-    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
-    far = (((x - 5) * x + 8) * x - 4) * a
-    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
-
-
-@functools.lru_cache(maxsize=256)
-def _weights(in_size: int, out_size: int, interpolation: str, first: int = 0, count: int | None = None) -> np.ndarray:
-    """(in_size, count) matrix of Pillow's integer weights (times 2^22) for outputs first..first+count
-    of resizing one axis from in_size to out_size: its windows (the support widened by the scale
-    when shrinking, clipped at the border), each normalised to sum 1 and rounded to fixed point as
-    Pillow rounds them, so that the same sums of integers give Pillow's values exactly
-    (libImaging/Resample.c, precompute_coeffs and normalize_coeffs_8bpc, in numpy float64)."""
-    count = out_size - first if count is None else count
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = SUPPORT[interpolation] * filterscale
-    center = (np.arange(first, first + count) + 0.5) * scale
-    lo = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)  # C's cast truncates
-    n = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - lo
-    taps = np.arange(int(np.ceil(support)) * 2 + 1)
-    valid = taps < n[:, None]
-    index = lo[:, None] + taps
-    w = np.where(valid, _kernel((index - center[:, None] + 0.5) * (1.0 / filterscale), interpolation), 0.0)
-    total = np.cumsum(w, axis=1)[:, -1:]  # summed in order, as Pillow does (np.sum pairs: other last bits)
-    w = np.divide(w, total, out=w.copy(), where=total != 0.0)
-    fixed = np.trunc(w * (1 << PRECISION_BITS) + np.where(w < 0, -0.5, 0.5))
-    weights = np.zeros((in_size, count))
-    cols = np.broadcast_to(np.arange(count)[:, None], valid.shape)
-    weights[index[valid], cols[valid]] = fixed[valid]
-    return weights
-
-
-@functools.lru_cache(maxsize=128)
-def _device_weights(in_size: int, out_size: int, interpolation: str, first: int, count: int,
-                    device: str) -> torch.Tensor:
-    return torch.from_numpy(_weights(in_size, out_size, interpolation, first, count)).to(device)
-
-
-def _resample_last(x: torch.Tensor, out_size: int, interpolation: str, first: int, count: int) -> torch.Tensor:
-    """One pass of Pillow's resampling along the last axis of float64 images holding uint8 values,
-    outputs first..first+count. The products and sums are integers below 2^32, exact in float64 in
-    any order (so a GPU matmul gives them too); then round half up and clip, as Pillow's clip8."""
-    weights = _device_weights(x.shape[-1], out_size, interpolation, first, count, str(x.device))
-    return torch.floor_((x @ weights).add_(1 << (PRECISION_BITS - 1)).div_(1 << PRECISION_BITS)).clamp_(0, 255)
-
-
-def resample(x: torch.Tensor, size: tuple[int, int], interpolation: str = "bicubic",
-             crop: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """Pillow's resize of (n, 3, h, w) images (uint8 values, any dtype) to `size` = (H, W): float64
-    with uint8 values out, equal to Image.resize's. Horizontal pass first, rounded to uint8, then
-    vertical, each skipped when its side keeps its length, as Pillow does. `crop` = (top, left,
-    height, width) computes only that part: a crop of the resized image, at a crop's cost."""
-    if interpolation not in SUPPORT:
-        raise ValueError(f"unknown interpolation {interpolation!r}; choose one of {', '.join(SUPPORT)}")
-    out_h, out_w = size
-    top, left, height, width = crop or (0, 0, out_h, out_w)
-    y = x.double()
-    if out_w != y.shape[-1]:
-        y = _resample_last(y, out_w, interpolation, left, width)
-    else:
-        y = y[..., left : left + width]
-    if out_h != y.shape[-2]:
-        y = _resample_last(y.transpose(-1, -2), out_h, interpolation, top, height).transpose(-1, -2)
-    else:
-        y = y[..., top : top + height, :]
-    return y
 
 
 def fit(images: torch.Tensor, size: tuple[int, int], mode: str = "pad", fill=(0, 0, 0),
         interpolation: str = "bicubic") -> torch.Tensor:
     """(n, 3, h, w) uint8 images of one size -> (n, H, W, 3) uint8 at `size` = (H, W), by the rules of
-    stages.preprocess.resize_to: pad to a square with `fill` then resize, resize the short side then
+    stages.imaging.decode.resize_to: pad to a square with `fill` then resize, resize the short side then
     crop the centre, or resize straight."""
     if mode not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {mode!r}; choose one of {', '.join(RESIZE_MODES)}")
@@ -186,7 +105,7 @@ def unit_images(unit: PreparedUnit, size: tuple[int, int], resize: str, fill, in
                 device) -> UnitImages:
     """The unit's ok images as one batch on `device`: the JPEGs left encoded decoded and fitted
     here, the rest as the prepare task decoded them. A JPEG this decoder refuses goes through
-    stages.preprocess.load_pixels like any other image: it is ok with Pillow's pixels, or failed
+    stages.imaging.decode.load_pixels like any other image: it is ok with Pillow's pixels, or failed
     with Pillow's reason."""
     device = torch.device(device)
     jpegs = unit.jpegs if unit.jpegs is not None else [None] * len(unit.pixels)
@@ -236,10 +155,10 @@ def to_host(pixels: torch.Tensor) -> np.ndarray:
 
 def encode_jpegs(images: torch.Tensor, quality: int) -> list[bytes]:
     """JPEG bytes of (n, H, W, 3) uint8 images where they are. On CUDA, nvJPEG (4:4:4 chroma, as the
-    writer's own encoder); on CPU the writer's encoder itself (stages.writer.encode_image), so the
+    writer's own encoder); on CPU the writer's encoder itself (stages.imaging.codec.encode_image), so the
     bytes are those a write task would make."""
     if images.device.type != "cuda":
-        from stages.writer import encode_image
+        from stages.imaging.codec import encode_image
 
         return [encode_image(image, "jpg", quality) for image in images.numpy()]
     from torchvision.io import encode_jpeg
