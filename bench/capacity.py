@@ -150,7 +150,7 @@ def stage_costs(llava: Path, root: Path, model: Path, n: int, repeats: int = 3) 
     import torch
 
     from stages.imaging.compose import decided_pairs
-    from stages.decide import UnitDecider
+    from stages.mixing.decide import UnitDecider
     from stages.listing import list_input
     from stages.imaging.prepare import prepare_unit
     from stages.read import read_slice

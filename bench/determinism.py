@@ -30,9 +30,9 @@ import torch
 from PIL import Image
 
 from common import machine, print_table, save, tiny_model  # noqa: F401  (common puts the checkout on sys.path)
-from stages.mix import topk_margin, topk_patch_mask
+from stages.mixing.masks import topk_margin, topk_patch_mask
 from stages.imaging.decode import load_pixels
-from stages.ratios import parse_lam_spec, sample_lams
+from stages.mixing.ratios import parse_lam_spec, sample_lams
 from stages.sample_data import write_sample_data
 from stages.model.factory import load_encoder
 from stages.model.tower import resolve_tower

@@ -1,5 +1,5 @@
 """The encoder actor of `generate`: one model load per actor; turns prepared units into the
-unit's decisions (saliency, lam, partner, mask; stages.decide).
+unit's decisions (saliency, lam, partner, mask; stages.mixing.decide).
 
 torch and the encoder are imported inside the actor only, so the driver that defines and
 schedules it stays light.
@@ -24,7 +24,7 @@ class UnitWorker:
 
         from pipeline.config import GenerateConfig
         from stages.model.factory import load_encoder
-        from stages.decide import UnitDecider
+        from stages.mixing.decide import UnitDecider
 
         torch.set_num_threads(threads)
         c = GenerateConfig(**cfg)

@@ -15,8 +15,8 @@ import yaml
 
 from schemas.shard import IMAGE_FORMATS
 from stages.errors import UserError
-from stages.methods import LAM_MODES, METHODS
-from stages.ratios import parse_lam_spec
+from stages.mixing.methods import LAM_MODES, METHODS
+from stages.mixing.ratios import parse_lam_spec
 from stages.imaging.decode import IMAGE_OPS, RESIZE_MODES
 from stages.tome.schedule import SCHEDULES
 from stages.model.constants import HF_HUB_PREFIX, PRECISIONS

@@ -1,10 +1,10 @@
-"""The encoder actor's decisions (stages.decide) on a tiny tower, without Ray: rows filled with
+"""The encoder actor's decisions (stages.mixing.decide) on a tiny tower, without Ray: rows filled with
 the decision fields, masks consistent with them, and a lone image skipped, not self-paired."""
 from __future__ import annotations
 
 import numpy as np
 
-from stages.decide import UnitDecider
+from stages.mixing.decide import UnitDecider
 from stages.units import PreparedUnit
 from stages.model.factory import load_encoder
 from schemas.shard import empty_row, sample_key

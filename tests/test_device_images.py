@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from stages.imaging.compose import compose_loser, decided_pairs
-from stages.decide import UnitDecider
+from stages.mixing.decide import UnitDecider
 from stages.imaging.device import decode_jpegs, encode_jpegs, fit, unit_images
 from stages.imaging.prepare import prepare_unit
 from stages.imaging.decode import decode_rgb, device_jpeg_size, load_pixels

@@ -211,7 +211,7 @@ def test_merged_blocks_use_fused_attention_and_never_wait_for_the_host(tiny_mode
 def test_compiled_blocks_give_the_eager_saliency(tiny_model_config, monkeypatch):
     """--compile: the same graph through torch.compile (aot_eager here: the capture without the C++
     build) gives the eager saliency and source map, and the decider keeps one batch shape."""
-    from stages.decide import UnitDecider
+    from stages.mixing.decide import UnitDecider
 
     monkeypatch.setenv("MERGEMIX_COMPILE_BACKEND", "aot_eager")
     enc = load_encoder(str(tiny_model_config), "none", merge=16)

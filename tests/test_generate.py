@@ -18,7 +18,7 @@ from PIL import Image
 from pipeline.config import GenerateConfig
 from pipeline.run import generate
 from stages.errors import UserError
-from stages.methods import METHODS
+from stages.mixing.methods import METHODS
 from stages.validate import validate_output
 from tests.conftest import local_ray, make_image, sample_demo
 

@@ -1,4 +1,4 @@
-"""Tests for stages.mix: masks, partners, ratios and loser pixels for every method."""
+"""Tests for stages.mixing.masks: masks, partners, ratios and loser pixels for every method."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stages import mix
+from stages.mixing import masks, methods, ratios
 from stages.imaging.compose import compose_loser
 from stages.errors import UserError
 from tests.conftest import make_image
@@ -36,18 +36,18 @@ def batch(n: int = 8, k_tokens: int = 10, offset: int = 0):
     token_scores = torch.from_numpy(rng.random((n, k_tokens)))
     source = torch.from_numpy(source).long()
     saliency = token_scores.gather(1, source)
-    lam = torch.from_numpy(mix.sample_lams(mix.LamSpec("beta", 1.0), SEED, keys))
-    partner = torch.from_numpy(mix.derangement(keys, SEED))
+    lam = torch.from_numpy(ratios.sample_lams(ratios.LamSpec("beta", 1.0), SEED, keys))
+    partner = torch.from_numpy(ratios.derangement(keys, SEED))
     return dict(pixels=pixels, keys=keys, lam=lam, partner=partner, token_scores=token_scores,
                 source=source, saliency=saliency)
 
 
-def run(method: str, d: dict, **kw) -> mix.MixResult:
-    return mix.make_losers(method, d["pixels"], d["partner"], d["lam"], grid=GRID, patch=PATCH, keys=d["keys"],
+def run(method: str, d: dict, **kw) -> masks.MixResult:
+    return masks.make_losers(method, d["pixels"], d["partner"], d["lam"], grid=GRID, patch=PATCH, keys=d["keys"],
                            seed=SEED, saliency=d["saliency"], token_scores=d["token_scores"], source=d["source"], **kw)
 
 
-def losers(r: mix.MixResult, d: dict) -> torch.Tensor:
+def losers(r: masks.MixResult, d: dict) -> torch.Tensor:
     """Every sample's loser: shipped by make_losers (blends, blurs, resized pastes), or composed
     from the mask by the one patch-selection composer, stages.imaging.compose."""
     if r.loser is not None:
@@ -64,41 +64,41 @@ def np_upsample(grid_mask: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- ratios and partners
 
 def test_parse_lam_spec_accepts_the_three_forms():
-    assert mix.parse_lam_spec("beta:1.0") == mix.LamSpec("beta", 1.0)
-    assert mix.parse_lam_spec("uniform:0.2,0.8") == mix.LamSpec("uniform", 0.2, 0.8)
-    assert mix.parse_lam_spec(" Fixed:0.5") == mix.LamSpec("fixed", 0.5)
-    assert str(mix.parse_lam_spec("uniform:0.2,0.8")) == "uniform:0.2,0.8"
+    assert ratios.parse_lam_spec("beta:1.0") == ratios.LamSpec("beta", 1.0)
+    assert ratios.parse_lam_spec("uniform:0.2,0.8") == ratios.LamSpec("uniform", 0.2, 0.8)
+    assert ratios.parse_lam_spec(" Fixed:0.5") == ratios.LamSpec("fixed", 0.5)
+    assert str(ratios.parse_lam_spec("uniform:0.2,0.8")) == "uniform:0.2,0.8"
 
 
 @pytest.mark.parametrize("text", ["beta", "beta:", "beta:0", "beta:-1", "beta:1,2", "gamma:1", "uniform:0.5",
                                   "uniform:0.8,0.2", "uniform:0,1.5", "fixed:1.5", "fixed:nan", "fixed:abc", ""])
 def test_parse_lam_spec_rejects_bad_text(text):
     with pytest.raises(ValueError, match="lam|beta|uniform|fixed") as info:
-        mix.parse_lam_spec(text)
+        ratios.parse_lam_spec(text)
     assert isinstance(info.value, UserError)  # the CLI prints it as one line
     assert "\n" not in str(info.value)
 
 
 def test_sample_lams_are_per_key_and_independent_of_batching():
     keys = [f"{i:06d}" for i in range(40)]
-    for spec in (mix.LamSpec("beta", 1.0), mix.LamSpec("beta", 0.4), mix.LamSpec("uniform", 0.2, 0.8)):
-        full = mix.sample_lams(spec, SEED, keys)
+    for spec in (ratios.LamSpec("beta", 1.0), ratios.LamSpec("beta", 0.4), ratios.LamSpec("uniform", 0.2, 0.8)):
+        full = ratios.sample_lams(spec, SEED, keys)
         assert full.dtype == np.float64 and full.shape == (40,)
         assert np.all((full >= spec.a if spec.kind == "uniform" else full >= 0) & (full <= 1))
-        assert np.array_equal(np.r_[mix.sample_lams(spec, SEED, keys[:13]), mix.sample_lams(spec, SEED, keys[13:])], full)
-        assert np.array_equal(mix.sample_lams(spec, SEED, keys[::-1]), full[::-1])
+        assert np.array_equal(np.r_[ratios.sample_lams(spec, SEED, keys[:13]), ratios.sample_lams(spec, SEED, keys[13:])], full)
+        assert np.array_equal(ratios.sample_lams(spec, SEED, keys[::-1]), full[::-1])
         assert len(np.unique(full)) == 40
-        assert not np.array_equal(mix.sample_lams(spec, SEED + 1, keys), full)
-    assert np.array_equal(mix.sample_lams(mix.LamSpec("fixed", 0.3), SEED, keys), np.full(40, 0.3))
+        assert not np.array_equal(ratios.sample_lams(spec, SEED + 1, keys), full)
+    assert np.array_equal(ratios.sample_lams(ratios.LamSpec("fixed", 0.3), SEED, keys), np.full(40, 0.3))
 
 
 def test_sample_rng_is_stable_across_processes():
-    here = mix.sample_rng(5, "000017", "lam").random(3)
-    code = "from stages.mix import sample_rng; print(repr(sample_rng(5, '000017', 'lam').random(3).tolist()))"
+    here = ratios.sample_rng(5, "000017", "lam").random(3)
+    code = "from stages.mixing.ratios import sample_rng; print(repr(sample_rng(5, '000017', 'lam').random(3).tolist()))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONHASHSEED": "99"}, cwd=Path(mix.__file__).parents[1])
+                         env={"PYTHONHASHSEED": "99"}, cwd=Path(masks.__file__).parents[2])
     assert eval(out.stdout) == here.tolist()
-    assert not np.array_equal(mix.sample_rng(5, "000017", "random").random(3), here)  # purposes are independent
+    assert not np.array_equal(ratios.sample_rng(5, "000017", "random").random(3), here)  # purposes are independent
     # the derivation is part of the shard contract (same seed -> same pairs on any release): pin it
     entropy = int.from_bytes(hashlib.sha256(json.dumps([5, "000017", "lam"], separators=(",", ":")).encode()).digest(), "little")
     ref = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy))).random(3)
@@ -108,46 +108,46 @@ def test_sample_rng_is_stable_across_processes():
 def test_derangement_has_no_fixed_points_and_is_deterministic():
     for n in range(2, 51):
         keys = [f"k{i:04d}" for i in range(n)]
-        p = mix.derangement(keys, SEED)
+        p = ratios.derangement(keys, SEED)
         assert p.dtype == np.int64
         assert sorted(p.tolist()) == list(range(n))
         assert np.all(p != np.arange(n))
-        assert np.array_equal(mix.derangement(keys, SEED), p)
+        assert np.array_equal(ratios.derangement(keys, SEED), p)
         # depends on the set of keys only: shuffling the input shuffles the answer consistently
         perm = np.random.default_rng(n).permutation(n)
-        q = mix.derangement([keys[i] for i in perm], SEED)
+        q = ratios.derangement([keys[i] for i in perm], SEED)
         assert [keys[perm[j]] for j in q] == [keys[p[i]] for i in perm]
-    assert mix.derangement(["only"], SEED).tolist() == [0]
+    assert ratios.derangement(["only"], SEED).tolist() == [0]
     keys = [f"k{i:04d}" for i in range(30)]
-    assert not np.array_equal(mix.derangement(keys, 1), mix.derangement(keys, 2))
+    assert not np.array_equal(ratios.derangement(keys, 1), ratios.derangement(keys, 2))
 
 
 def test_lam_hat_modes():
     keys = [f"{i:06d}" for i in range(6)]
     lam = np.array([0.0, 0.1, 0.35, 0.5, 0.9, 1.0])
     kept = np.floor(lam * L) / L
-    assert np.array_equal(mix.lam_hats("area", lam, kept, tokens_kept=12, num_patches=L, seed=SEED, keys=keys), kept)
-    assert np.array_equal(mix.lam_hats("fixed", lam, kept, tokens_kept=12, num_patches=L, seed=SEED, keys=keys), lam)
-    paper = mix.lam_hats("paper", lam, kept, tokens_kept=12, num_patches=L, seed=SEED, keys=keys)
+    assert np.array_equal(ratios.lam_hats("area", lam, kept, tokens_kept=12, num_patches=L, seed=SEED, keys=keys), kept)
+    assert np.array_equal(ratios.lam_hats("fixed", lam, kept, tokens_kept=12, num_patches=L, seed=SEED, keys=keys), lam)
+    paper = ratios.lam_hats("paper", lam, kept, tokens_kept=12, num_patches=L, seed=SEED, keys=keys)
     assert paper.shape == (6,) and np.all((paper >= 0) & (paper <= 1))
     assert paper.min() == 0 and 0.999 < paper.max() < 1  # min-max over the group with tau = 1e-5
     # z is drawn per key from its own generator: reproduce it by hand
-    z = np.array([mix.sample_rng(SEED, k, "paper").normal(12 / L, 1.0) for k in keys])
+    z = np.array([ratios.sample_rng(SEED, k, "paper").normal(12 / L, 1.0) for k in keys])
     assert np.allclose(paper, (z - z.min()) / (z.max() - z.min() + 1e-5))
     # std = p / sum(M) when the mask does not keep p patches (mergemix-official); 1 when sum(M) == 0
     kept2 = np.array([0.0, 1 / L, 4 / L, 6 / L, 1.0, 1.0])
     p, sum_m = np.floor(lam * L), np.rint(kept2 * L)
     std = np.where(sum_m > 0, p / np.maximum(sum_m, 1), 1.0)
-    z = np.array([mix.sample_rng(SEED, k, "paper").normal(12 / L, sd) for k, sd in zip(keys, std)])
-    paper2 = mix.lam_hats("paper", lam, kept2, tokens_kept=12, num_patches=L, seed=SEED, keys=keys)
+    z = np.array([ratios.sample_rng(SEED, k, "paper").normal(12 / L, sd) for k, sd in zip(keys, std)])
+    paper2 = ratios.lam_hats("paper", lam, kept2, tokens_kept=12, num_patches=L, seed=SEED, keys=keys)
     assert np.allclose(paper2, (z - z.min()) / (z.max() - z.min() + 1e-5)) and not np.allclose(paper2, paper)
-    assert np.array_equal(mix.lam_hats("paper", lam, kept, tokens_kept=12, num_patches=L, seed=SEED, keys=keys), paper)
+    assert np.array_equal(ratios.lam_hats("paper", lam, kept, tokens_kept=12, num_patches=L, seed=SEED, keys=keys), paper)
     with pytest.raises(ValueError, match="lam_hat mode"):
-        mix.lam_hats("areas", lam, kept, tokens_kept=12, num_patches=L, seed=SEED, keys=keys)
+        ratios.lam_hats("areas", lam, kept, tokens_kept=12, num_patches=L, seed=SEED, keys=keys)
     with pytest.raises(ValueError, match="lam"):
-        mix.lam_hats("area", lam + 0.5, kept, tokens_kept=12, num_patches=L, seed=SEED, keys=keys)
+        ratios.lam_hats("area", lam + 0.5, kept, tokens_kept=12, num_patches=L, seed=SEED, keys=keys)
     with pytest.raises(ValueError, match="kept"):
-        mix.lam_hats("area", lam, kept[:3], tokens_kept=12, num_patches=L, seed=SEED, keys=keys)
+        ratios.lam_hats("area", lam, kept[:3], tokens_kept=12, num_patches=L, seed=SEED, keys=keys)
 
 
 # ----------------------------------------------------------------------------- masks
@@ -157,7 +157,7 @@ def test_topk_patch_mask_kept_area_is_exact():
     for n_patches in (1, 7, 24, 196, 576):
         lam = np.r_[0.0, 1.0, 0.5, 1e-9, 1 - 1e-12, rng.random(200)]
         scores = torch.from_numpy(rng.random((lam.size, n_patches)))
-        m = mix.topk_patch_mask(scores, torch.from_numpy(lam))
+        m = masks.topk_patch_mask(scores, torch.from_numpy(lam))
         assert m.dtype == torch.bool and m.shape == (lam.size, n_patches)
         counts = m.sum(1).numpy()
         assert np.array_equal(counts, np.floor(lam * n_patches).astype(int))
@@ -170,12 +170,12 @@ def test_topk_patch_mask_kept_area_is_exact():
 
 def test_topk_patch_mask_breaks_ties_by_lower_index():
     scores = torch.tensor([[1.0, 5.0, 5.0, 2.0, 5.0, 5.0], [0.0] * 6])
-    m = mix.topk_patch_mask(scores, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    m = masks.topk_patch_mask(scores, torch.tensor([0.5, 0.5], dtype=torch.float64))
     assert m.tolist() == [[False, True, True, False, True, False], [True, True, True, False, False, False]]
     # a grid-sized row with many ties (unstable sorts reorder these)
     s = torch.zeros(2, 576, dtype=torch.float64)
     s[:, ::7] = 1.0
-    m = mix.topk_patch_mask(s, torch.tensor([0.25, 0.5], dtype=torch.float64))
+    m = masks.topk_patch_mask(s, torch.tensor([0.25, 0.5], dtype=torch.float64))
     ones = np.arange(0, 576, 7)
     for row, p in enumerate((144, 288)):
         expected = np.r_[ones, np.setdiff1d(np.arange(576), ones)][:p]
@@ -186,12 +186,12 @@ def test_merged_topk_mask_copies_tokens_onto_all_their_patches():
     token_scores = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.3, 0.3, 0.3, 0.3]], dtype=torch.float64)
     source = torch.tensor([[0, 1, 1, 2, 3, 3, 3, 1], [3, 2, 1, 0, 0, 1, 2, 3]])
     lam = torch.tensor([0.5, 0.3], dtype=torch.float64)  # k = int(4*0.5) = 2 and int(4*0.3) = 1
-    m = mix.merged_topk_mask(token_scores, source, lam)
+    m = masks.merged_topk_mask(token_scores, source, lam)
     # row 0: tokens 1 and 3 win; row 1: all tie, token 0 wins
     assert m.tolist() == [[False, True, True, False, True, True, True, True],
                           [False, False, False, True, True, False, False, False]]
     d = batch(16)
-    m = mix.merged_topk_mask(d["token_scores"], d["source"], d["lam"])
+    m = masks.merged_topk_mask(d["token_scores"], d["source"], d["lam"])
     k = torch.floor(d["lam"] * d["token_scores"].shape[1]).long()
     for b in range(16):
         chosen = set(torch.argsort(-d["token_scores"][b])[: int(k[b])].tolist())
@@ -200,7 +200,7 @@ def test_merged_topk_mask_copies_tokens_onto_all_their_patches():
 
 def test_upsample_mask_is_nearest_neighbour():
     g = torch.rand(3, *GRID) > 0.5
-    up = mix.upsample_mask(g, PATCH)
+    up = masks.upsample_mask(g, PATCH)
     assert up.shape == (3, H, W) and up.dtype == torch.bool
     for b in range(3):
         assert np.array_equal(up[b].numpy(), np_upsample(g[b].numpy()))
@@ -210,7 +210,7 @@ def test_mix_pixels_is_exact():
     d = batch(4)
     x_j = d["pixels"][d["partner"]]
     m = torch.rand(4, H, W) > 0.3
-    out = mix.mix_pixels(d["pixels"], x_j, m)
+    out = masks.mix_pixels(d["pixels"], x_j, m)
     ref = np.where(m.numpy()[..., None], d["pixels"].numpy(), x_j.numpy())
     assert out.dtype == torch.uint8 and np.array_equal(out.numpy(), ref)
     # the formula itself, in wide integers
@@ -223,11 +223,11 @@ def test_mix_pixels_is_exact():
 MASKED = ("mergemix", "mergemix-official", "mergemix-r", "topk", "random", "cutmix")
 
 
-@pytest.mark.parametrize("method", mix.METHODS)
+@pytest.mark.parametrize("method", methods.METHODS)
 def test_every_method_output_shape_dtype_and_range(method):
     d = batch(8)
     r = run(method, d)
-    assert (r.loser is None) == (method in mix.PATCH_SELECT)  # a selection's loser is composed, not shipped
+    assert (r.loser is None) == (method in methods.PATCH_SELECT)  # a selection's loser is composed, not shipped
     loser = losers(r, d)
     assert loser.shape == (8, H, W, 3) and loser.dtype == torch.uint8
     assert r.mask.shape == (8, *GRID) and r.mask.dtype == torch.uint8
@@ -236,7 +236,7 @@ def test_every_method_output_shape_dtype_and_range(method):
     if method != "mixup":
         assert set(r.mask.unique().tolist()) <= {0, 255}
         assert np.array_equal(r.kept.numpy(), (r.mask == 255).sum((1, 2)).numpy() / L)
-    assert (method in mix.NEEDS_SALIENCY) == (method in {"mergemix", "mergemix-official", "mergemix-r", "topk", "blur"})
+    assert (method in methods.NEEDS_SALIENCY) == (method in {"mergemix", "mergemix-official", "mergemix-r", "topk", "blur"})
 
 
 @pytest.mark.parametrize("method", MASKED)
@@ -260,12 +260,12 @@ def test_kept_area_is_floor_lam_L(method):
 def test_mergemix_uses_saliency_and_recovers_from_tokens():
     d = batch(8)
     r = run("mergemix", d)
-    assert torch.equal(r.mask == 255, mix.topk_patch_mask(d["saliency"], d["lam"]).view(8, *GRID))
-    r2 = mix.make_losers("mergemix", d["pixels"], d["partner"], d["lam"], grid=GRID, patch=PATCH, keys=d["keys"],
+    assert torch.equal(r.mask == 255, masks.topk_patch_mask(d["saliency"], d["lam"]).view(8, *GRID))
+    r2 = masks.make_losers("mergemix", d["pixels"], d["partner"], d["lam"], grid=GRID, patch=PATCH, keys=d["keys"],
                          seed=SEED, token_scores=d["token_scores"], source=d["source"])
     assert torch.equal(r.mask, r2.mask) and r.loser is None and r2.loser is None
     off = run("mergemix-official", d)
-    assert torch.equal(off.mask == 255, mix.merged_topk_mask(d["token_scores"], d["source"], d["lam"]).view(8, *GRID))
+    assert torch.equal(off.mask == 255, masks.merged_topk_mask(d["token_scores"], d["source"], d["lam"]).view(8, *GRID))
 
 
 def test_mergemix_r_is_constant_on_merged_tokens_except_one_boundary_token():
@@ -309,8 +309,8 @@ def many_losers(method: str, pixel_seed: int, n: int = 500, grid=(24, 24)):
     for the statistics of where boxes land."""
     keys = [f"{i:06d}" for i in range(n)]
     pixels = torch.from_numpy(np.random.default_rng(pixel_seed).integers(0, 256, (n, *grid, 3), dtype=np.uint8))
-    lam = torch.from_numpy(mix.sample_lams(mix.LamSpec("beta", 1.0), SEED, keys))
-    return lam, mix.make_losers(method, pixels, torch.from_numpy(mix.derangement(keys, SEED)), lam, grid=grid,
+    lam = torch.from_numpy(ratios.sample_lams(ratios.LamSpec("beta", 1.0), SEED, keys))
+    return lam, masks.make_losers(method, pixels, torch.from_numpy(ratios.derangement(keys, SEED)), lam, grid=grid,
                                 patch=(1, 1), keys=keys, seed=SEED)
 
 
@@ -365,10 +365,10 @@ def test_resizemix_tau_is_the_side_scale_so_the_mean_pasted_area_is_e_tau_square
 def test_blur_keeps_salient_patches_and_blurs_the_rest_of_the_same_image():
     d = batch(6)
     r = run("blur", d)
-    blurred = mix.gaussian_blur(d["pixels"], max(PATCH) / 2)
+    blurred = masks.gaussian_blur(d["pixels"], max(PATCH) / 2)
     m = np.stack([np_upsample(g == 255) for g in r.mask.numpy()])[..., None]
     assert np.array_equal(r.loser.numpy(), np.where(m, d["pixels"].numpy(), blurred.numpy()))
-    assert torch.equal(r.mask == 255, mix.topk_patch_mask(d["saliency"], d["lam"]).view(6, *GRID))
+    assert torch.equal(r.mask == 255, masks.topk_patch_mask(d["saliency"], d["lam"]).view(6, *GRID))
     # the blur really smooths: total variation drops
     def tv(x):
         return (x[:, 1:].float() - x[:, :-1].float()).abs().mean()
@@ -376,7 +376,7 @@ def test_blur_keeps_salient_patches_and_blurs_the_rest_of_the_same_image():
     assert tv(blurred) < 0.7 * tv(d["pixels"])
     # a constant image stays constant
     flat = torch.full((1, H, W, 3), 77, dtype=torch.uint8)
-    assert torch.equal(mix.gaussian_blur(flat, 2.0), flat)
+    assert torch.equal(masks.gaussian_blur(flat, 2.0), flat)
 
 
 def test_blur_strength_removes_patch_detail_and_keeps_coarse_structure():
@@ -388,14 +388,14 @@ def test_blur_strength_removes_patch_detail_and_keeps_coarse_structure():
     def contrast_after_blur(period: float) -> float:
         wave = (127.5 + 100 * torch.cos(2 * math.pi * x / period)).round().to(torch.uint8)
         img = wave.view(1, 1, -1, 1).expand(1, 16 * p, -1, 3).contiguous()
-        out = mix.gaussian_blur(img, mix.BLUR_SIGMA_PATCHES * p)[0, :, 4 * p:12 * p, 0].double()  # away from the edges
+        out = masks.gaussian_blur(img, methods.BLUR_SIGMA_PATCHES * p)[0, :, 4 * p:12 * p, 0].double()  # away from the edges
         return float(out.max() - out.min()) / 200
 
     assert contrast_after_blur(p) < 0.03
     assert 0.6 < contrast_after_blur(4 * p) < 0.85
 
 
-@pytest.mark.parametrize("method", mix.METHODS)
+@pytest.mark.parametrize("method", methods.METHODS)
 def test_results_do_not_depend_on_batch_split(method):
     """Masks, losers and ratios for a sample are the same whatever batch it is processed in."""
     n = 10
@@ -406,7 +406,7 @@ def test_results_do_not_depend_on_batch_split(method):
         rows = np.r_[part, d["partner"].numpy()[part]]
         sub = {k: d[k][torch.from_numpy(rows)] for k in ("pixels", "token_scores", "source", "saliency")}
         sub["keys"] = [d["keys"][i] for i in part] + [f"extra{i}" for i in range(len(part))]
-        sub["lam"] = torch.from_numpy(mix.sample_lams(mix.LamSpec("beta", 1.0), SEED, [d["keys"][i] for i in part]))
+        sub["lam"] = torch.from_numpy(ratios.sample_lams(ratios.LamSpec("beta", 1.0), SEED, [d["keys"][i] for i in part]))
         sub["lam"] = torch.cat([sub["lam"], torch.full((len(part),), 0.5, dtype=torch.float64)])
         sub["partner"] = torch.from_numpy(np.r_[np.arange(len(part)) + len(part), np.arange(len(part))])
         r = run(method, sub)
@@ -420,7 +420,7 @@ def test_results_do_not_depend_on_batch_split(method):
 def test_random_methods_depend_on_seed(method):
     d = batch(8)
     a = run(method, d).mask
-    b = mix.make_losers(method, d["pixels"], d["partner"], d["lam"], grid=GRID, patch=PATCH, keys=d["keys"],
+    b = masks.make_losers(method, d["pixels"], d["partner"], d["lam"], grid=GRID, patch=PATCH, keys=d["keys"],
                         seed=SEED + 1, source=d["source"]).mask
     assert torch.equal(a, run(method, d).mask)
     assert not torch.equal(a, b)
@@ -449,7 +449,7 @@ def test_bad_arguments_raise_value_error():
                     token_scores=d["token_scores"], source=d["source"])
         args.update(over)
         method, pixels, partner, lam = (args.pop(k) for k in ("method", "pixels", "partner", "lam"))
-        return mix.make_losers(method, pixels, partner, lam, **args)
+        return masks.make_losers(method, pixels, partner, lam, **args)
 
     cases = [
         (dict(lam=torch.tensor([0.5, 1.2, 0.1, 0.3], dtype=torch.float64)), "lam"),
@@ -475,17 +475,17 @@ def test_bad_arguments_raise_value_error():
         with pytest.raises(ValueError, match=msg):
             call(**over)
     with pytest.raises(ValueError, match="lam"):
-        mix.topk_patch_mask(d["saliency"], torch.tensor([2.0, 0.1, 0.1, 0.1]))
+        masks.topk_patch_mask(d["saliency"], torch.tensor([2.0, 0.1, 0.1, 0.1]))
     with pytest.raises(ValueError, match="empty"):
-        mix.topk_patch_mask(d["saliency"][:0], torch.zeros(0))
+        masks.topk_patch_mask(d["saliency"][:0], torch.zeros(0))
     with pytest.raises(ValueError, match="shape"):
-        mix.mix_pixels(d["pixels"], d["pixels"][:2], torch.ones(4, H, W, dtype=torch.bool))
+        masks.mix_pixels(d["pixels"], d["pixels"][:2], torch.ones(4, H, W, dtype=torch.bool))
     with pytest.raises(ValueError, match="pixel_mask"):
-        mix.mix_pixels(d["pixels"], d["pixels"], torch.ones(4, H, W, dtype=torch.uint8))
+        masks.mix_pixels(d["pixels"], d["pixels"], torch.ones(4, H, W, dtype=torch.uint8))
     with pytest.raises(ValueError, match="empty"):
-        mix.derangement([], SEED)
+        ratios.derangement([], SEED)
     with pytest.raises(ValueError, match="empty"):
-        mix.sample_lams(mix.LamSpec("beta", 1.0), SEED, [])
+        ratios.sample_lams(ratios.LamSpec("beta", 1.0), SEED, [])
 
 
 def test_works_on_cuda_like_cpu():
@@ -493,7 +493,7 @@ def test_works_on_cuda_like_cpu():
         pytest.skip("no CUDA device")
     d = batch(8)
     dc = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in d.items()}
-    for method in mix.METHODS:
+    for method in methods.METHODS:
         a, b = run(method, d), run(method, dc)
         assert torch.equal(a.mask, b.mask.cpu()) and torch.equal(a.kept, b.kept.cpu())
         if method not in ("resizemix", "blur"):  # resampling kernels may round differently on GPU
@@ -503,11 +503,11 @@ def test_works_on_cuda_like_cpu():
 def test_topk_margin_is_the_gap_at_each_rows_boundary():
     scores = torch.tensor([[5.0, 4.0, 3.0, 2.0]] * 3 + [[5.0, 4.0, 4.0, 2.0]])
     counts = torch.tensor([2, 0, 4, 2])
-    assert mix.topk_margin(scores, counts).tolist() == [0.25, math.inf, math.inf, 0.0]  # row 3: a tie across the boundary
+    assert masks.topk_margin(scores, counts).tolist() == [0.25, math.inf, math.inf, 0.0]  # row 3: a tie across the boundary
     # merged tokens: score 4 stands for 2 patches; k = 2 cuts through it, so 5 vs 4 counts too
     sizes = torch.tensor([[1.0, 2.0, 1.0, 1.0]])
     near = torch.tensor([[4.001, 4.0, 3.0, 2.0]], dtype=torch.float64)
-    assert mix.topk_margin(near, torch.tensor([2]), sizes)[0] == pytest.approx(0.001 / 4.0)
-    assert mix.topk_margin(near, torch.tensor([3]), sizes)[0] == pytest.approx(1.0 / 4.0)  # boundary after the token
+    assert masks.topk_margin(near, torch.tensor([2]), sizes)[0] == pytest.approx(0.001 / 4.0)
+    assert masks.topk_margin(near, torch.tensor([3]), sizes)[0] == pytest.approx(1.0 / 4.0)  # boundary after the token
     # the boundary inside the last token: only the token above it can swap with it
-    assert mix.topk_margin(near, torch.tensor([4]), torch.tensor([[1.0, 1.0, 1.0, 2.0]]))[0] == pytest.approx(1.0 / 2.0)
+    assert masks.topk_margin(near, torch.tensor([4]), torch.tensor([[1.0, 1.0, 1.0, 2.0]]))[0] == pytest.approx(1.0 / 2.0)

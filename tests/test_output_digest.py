@@ -45,8 +45,8 @@ from PIL import Image, features
 from pipeline.config import GenerateConfig
 from pipeline.distribute import THREADS_ENV
 from pipeline.run import generate
-from stages.methods import METHODS, NEEDS_SALIENCY
-from stages.mix import topk_margin
+from stages.mixing.methods import METHODS, NEEDS_SALIENCY
+from stages.mixing.masks import topk_margin
 from stages.model.factory import load_encoder
 from stages.validate import validate_output
 from tests.conftest import local_ray, write_photo_set

@@ -3,7 +3,7 @@
 This is the one loser composer: the write task builds each loser here from the prepared
 pixels it already holds (the encoder actor ships masks, not images), and preview and the
 tests use it too. A loser that is not a selection of two unit images (mixup's blend,
-resizemix's resized paste, blur) is made by the actor (stages.mix) and shipped as pixels.
+resizemix's resized paste, blur) is made by the actor (stages.mixing.masks) and shipped as pixels.
 Numpy only: the write task never imports torch.
 """
 from __future__ import annotations

@@ -162,7 +162,7 @@ class MergingEncoder(nn.Module):
 
     def enable_compile(self) -> None:
         """Run the blocks through torch.compile (`--compile`): one graph per batch shape, so callers
-        keep one (stages.decide pads the last batch). Results equal the eager ones to float rounding.
+        keep one (stages.mixing.decide pads the last batch). Results equal the eager ones to float rounding.
         MERGEMIX_COMPILE_BACKEND picks another backend than inductor (the tests use aot_eager: the same
         graph capture without half a minute of C++ compilation on a CI machine)."""
         self._run = torch.compile(self._blocks, dynamic=False, backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"))

@@ -1,5 +1,5 @@
 """The mixing methods by name, and what each needs: torch-free, so the driver and the CPU
-tasks can check a configuration without loading torch (stages.mix does the tensor work)."""
+tasks can check a configuration without loading torch (stages.mixing.masks does the tensor work)."""
 from __future__ import annotations
 
 METHODS = ("mergemix", "mergemix-official", "mergemix-r", "topk", "random", "mixup", "cutmix", "resizemix", "blur")

@@ -1,5 +1,5 @@
 """The encoder actor's decisions for one unit: saliency, a lam per sample, the partner
-derangement inside the unit, and the masks (stages.mix). The actor returns these, kilobytes,
+derangement inside the unit, and the masks (stages.mixing.masks). The actor returns these, kilobytes,
 instead of a unit of images: the write task composes each patch-selection loser from the
 prepared pixels it already holds (stages.imaging.compose). Only losers that are not a selection of
 two unit images (mixup, resizemix, blur) travel as pixels.
@@ -33,7 +33,7 @@ class UnitDecider:
                  batch_size: int, describe: dict, resize: str = "pad", encode_quality: int | None = None):
         """`resize` fits the JPEGs a torch-path unit leaves to the actor; `encode_quality` makes the
         actor JPEG-encode winners and losers itself (torch image path only)."""
-        from stages.ratios import parse_lam_spec
+        from stages.mixing.ratios import parse_lam_spec
 
         self.encoder = encoder
         self.method = method
@@ -94,9 +94,9 @@ class UnitDecider:
     def _decide(self, unit: PreparedUnit) -> UnitDecisions:
         import torch
 
-        from stages.methods import NEEDS_SALIENCY
-        from stages.mix import make_losers
-        from stages.ratios import derangement, lam_hats, sample_lams
+        from stages.mixing.methods import NEEDS_SALIENCY
+        from stages.mixing.masks import make_losers
+        from stages.mixing.ratios import derangement, lam_hats, sample_lams
 
         start = time.perf_counter()
         pixels, images = self._pixels(unit)  # the unit is on the device once, for every step
@@ -153,7 +153,7 @@ class UnitDecider:
         import torch
 
         from stages.imaging.device import encode_jpegs
-        from stages.mix import mix_pixels, upsample_mask
+        from stages.mixing.masks import mix_pixels, upsample_mask
 
         enc = self.encoder
         partner_t = torch.from_numpy(partner).to(pixels.device)

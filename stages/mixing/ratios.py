@@ -1,6 +1,6 @@
 """Per-sample draws and ratios, in numpy: the lam distribution, generators seeded per sample,
 the partner derangement inside a group, and lam_hat. Torch-free (the driver validates --lam
-with it; stages.mix re-exports these as part of the mixing API).
+with it; stages.mixing.masks does the tensor work).
 
 Determinism. Every per-sample random draw (lam, random masks, mergemix-r token scores,
 cutmix/resizemix boxes, paper-mode z) comes from `sample_rng(seed, key, purpose)`, a
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stages.errors import UserError
-from stages.methods import LAM_MODES
+from stages.mixing.methods import LAM_MODES
 
 PAPER_TAU = 1e-5  # min-max normalisation guard for lam_hat mode "paper"
 

@@ -16,11 +16,11 @@ blend), `resizemix` (the partner is resampled) and `blur` (the blurred image) co
 values; those are rounded half-to-even once, in float64/float32, and clamped to [0, 255].
 
 Determinism. Random masks, mergemix-r token scores and cutmix/resizemix boxes come from
-generators seeded per sample (stages.ratios.sample_rng), so they do not depend on batch
+generators seeded per sample (stages.mixing.ratios.sample_rng), so they do not depend on batch
 composition, batch order or the number of workers.
 
-The per-sample draws, partners and ratios (stages.ratios) and the method names
-(stages.methods) are re-exported here: `stages.mix` is the whole mixing API.
+The per-sample draws, partners and ratios are stages.mixing.ratios', the method names
+stages.mixing.methods'.
 """
 from __future__ import annotations
 
@@ -34,12 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stages.imaging.resample import resample
-from stages.methods import (  # noqa: F401  (re-exported)
-    BLUR_SIGMA_PATCHES, LAM_MODES, METHODS, NEEDS_SALIENCY, PATCH_SELECT, RESIZEMIX_SCOPE,
-)
-from stages.ratios import (  # noqa: F401  (re-exported)
-    PAPER_TAU, LamSpec, MixArgumentError, check_keys, derangement, lam_hats, parse_lam_spec, sample_lams, sample_rng,
-)
+from stages.mixing.methods import BLUR_SIGMA_PATCHES, METHODS, RESIZEMIX_SCOPE
+from stages.mixing.ratios import MixArgumentError, check_keys, sample_rng
 
 
 # ----------------------------------------------------------------------------- masks
