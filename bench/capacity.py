@@ -151,9 +151,9 @@ def stage_costs(llava: Path, root: Path, model: Path, n: int, repeats: int = 3) 
 
     from stages.imaging.compose import decided_pairs
     from stages.mixing.decide import UnitDecider
-    from stages.listing import list_input
+    from stages.inputs.kinds import list_input
     from stages.imaging.prepare import prepare_unit
-    from stages.read import read_slice
+    from stages.inputs.kinds import read_slice
     from stages.model.factory import load_encoder
     from stages.model.tower import resolve_tower
     from stages.writer import write_unit

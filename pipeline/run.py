@@ -1,6 +1,6 @@
 """`generate`: plan -> check -> distribute -> run files.
 
-The driver lists the input in a stream (stages.listing: one small slice per unit, never the
+The driver lists the input in a stream (stages.inputs: one small slice per unit, never the
 records), takes the output's lease (one run writes OUT at a time), checks what OUT already
 holds (same fingerprint resumes, another is refused, a file we did not write is never
 touched), removes leftovers of interrupted writes, then hands the units that are not yet
@@ -26,7 +26,7 @@ from schemas.layout import INDEX_FILE, SHARDS_DIR
 from schemas.shard import SCHEMA_VERSION
 from stages.errors import UserError, one_line
 from stages.lease import Lease
-from stages.listing import default_image_root, detect_kind, list_input
+from stages.inputs.kinds import default_image_root, detect_kind, list_input
 from stages.outdir import committed_units, read_run_file, remove_leftovers, remove_output
 from stages.tome.schedule import merge_schedule
 from stages.storage import input_fs, is_url, open_store

@@ -11,7 +11,7 @@ from __future__ import annotations
 from stages.imaging.compose import decided_pairs
 from stages.imaging.prepare import prepare_unit
 from stages.model.constants import CLIP_MEAN_RGB
-from stages.read import read_slice
+from stages.inputs.kinds import read_slice
 from stages.storage import open_store
 from stages.units import PreparedUnit, Unit, UnitDecisions
 from stages.writer import write_unit

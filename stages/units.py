@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stages.listing import Slice
+from stages.inputs.records import Slice
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pipeline.config import GenerateConfig
 from pipeline.run import generate
 from stages.model.constants import CLIP_MEAN_RGB
 from stages.imaging.decode import decode_rgb
-from stages.read import InputError
+from stages.inputs.records import InputError
 from stages.validate import validate_output
 from tests.conftest import local_ray, make_image
 
@@ -398,7 +398,7 @@ import resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 from pathlib import Path
 from stages.imaging.decode import decode_rgb
-from stages.read import InputError
+from stages.inputs.records import InputError
 for path in sorted(Path(sys.argv[1]).glob("*.bin")):
     t = time.perf_counter()
     try:

@@ -20,7 +20,7 @@ from stages.mixing.decide import UnitDecider
 from stages.imaging.device import decode_jpegs, encode_jpegs, fit, unit_images
 from stages.imaging.prepare import prepare_unit
 from stages.imaging.decode import decode_rgb, device_jpeg_size, load_pixels
-from stages.read import InputError, InputRecord
+from stages.inputs.records import InputError, InputRecord
 from stages.model.factory import load_encoder
 from stages.imaging.codec import encode_image
 from tests.conftest import make_image

@@ -1,5 +1,5 @@
-"""The driver's streaming listing (stages.listing) and the prepare task's reading of a slice
-(stages.read): every input kind gives the records a plain whole-file reader gives, in
+"""The driver's streaming listing (stages.inputs) and the prepare task's reading of a slice
+(stages.inputs): every input kind gives the records a plain whole-file reader gives, in
 order, split into units; the listing's memory does not grow with the input."""
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages import listing as listing_mod
+from stages.inputs import records as shared
 from stages.errors import UserError
-from stages.listing import list_input
-from stages.read import read_slice
+from stages.inputs.kinds import list_input
+from stages.inputs.kinds import read_slice
 
 
 def records(path, per_unit, **kw):
@@ -52,7 +52,7 @@ def test_llava_json_small_chunks_and_digest(tmp_path, monkeypatch):
     path = tmp_path / "data.json"
     path.write_text(json.dumps(llava_rows(40), ensure_ascii=False))
     whole = list_input(str(path), 4)
-    monkeypatch.setattr(listing_mod, "CHUNK", 7)
+    monkeypatch.setattr(shared, "CHUNK", 7)
     lst, recs = records(path, 4)
     assert lst.slices == whole.slices and lst.digest == whole.digest
     assert [r.source_id for r in recs] == [f"r{i}" for i in range(40)]
@@ -87,7 +87,7 @@ def test_parquet_slices_cross_row_groups(tmp_path):
     pq.write_table(table, path, row_group_size=6)
     lst, recs = records(path, 4)
     assert [r.source_id for r in recs] == [f"p{i}" for i in range(25)]
-    from stages.read import load_image_bytes
+    from stages.inputs.files import load_image_bytes
 
     cache = {}
     assert [load_image_bytes(r.image, None, cache) for r in recs] == [bytes([i]) * 5 for i in range(25)]
@@ -123,7 +123,7 @@ def test_webdataset_members_are_read_in_place_and_text_is_in_the_digest(tmp_path
     assert [r.source_id for r in recs] == ["s1", "s2", "../evil", "s3", "dir/s4"]
     assert (recs[0].prompt, recs[0].answer) == ("p1", "a1") and (recs[1].prompt, recs[1].label) == ("prompt two", "7")
     assert recs[3].error.startswith("malformed_row") and recs[3].image is None
-    from stages.read import load_image_bytes
+    from stages.inputs.files import load_image_bytes
 
     assert [load_image_bytes(r.image, None) for r in recs if r.image] == [b"J1", b"P2", b"E", b"W4"]
     digest = lst.digest
@@ -146,7 +146,7 @@ def test_a_slice_of_a_changed_input_is_refused(tmp_path):
 
 def test_listing_memory_is_bounded_by_the_chunk_not_the_input(tmp_path, monkeypatch):
     """A JSON input many units long: the listing holds one chunk and one slice per unit."""
-    monkeypatch.setattr(listing_mod, "CHUNK", 256 << 10)
+    monkeypatch.setattr(shared, "CHUNK", 256 << 10)
     path = tmp_path / "big.json"
     turn = "a fairly long answer about the picture " * 30
     with open(path, "w") as f:

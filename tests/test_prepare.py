@@ -8,7 +8,7 @@ from PIL import Image
 
 from stages.imaging.decode import load_pixels
 from stages.imaging.prepare import prepare_unit
-from stages.read import InputRecord
+from stages.inputs.records import InputRecord
 from tests.conftest import make_image
 
 

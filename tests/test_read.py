@@ -1,4 +1,4 @@
-"""The prepare task's reading (stages.read): image files confined to the root, only regular
+"""The prepare task's reading (stages.inputs.files): image files confined to the root, only regular
 files and never a blocking open, records of a slice with their text."""
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from stages import read
-from stages.read import InputError, clean_text, load_image_bytes, read_image_file, resolve_inside
+from stages.inputs import files
+from stages.inputs.records import InputError, clean_text
+from stages.inputs.files import load_image_bytes, read_image_file, resolve_inside
 
 
 def test_regular_files_are_read_everything_else_is_a_reason(tmp_path, monkeypatch):
@@ -19,7 +20,7 @@ def test_regular_files_are_read_everything_else_is_a_reason(tmp_path, monkeypatc
         with pytest.raises(InputError) as err:
             read_image_file(tmp_path / name, name)
         assert err.value.reason == reason
-    monkeypatch.setattr(read, "MAX_FILE_BYTES", 4)
+    monkeypatch.setattr(files, "MAX_FILE_BYTES", 4)
     with pytest.raises(InputError, match="too_large"):
         read_image_file(tmp_path / "a.jpg", "a.jpg")
 
@@ -45,7 +46,7 @@ def test_tar_members_are_read_in_place(tmp_path):
     assert load_image_bytes(("tar", str(tmp_path / "t.tar"), 4, 6, "x.jpg"), None, cache) == b"456789"
     with pytest.raises(InputError, match="cut short"):
         load_image_bytes(("tar", str(tmp_path / "t.tar"), 10, 100, "y.jpg"), None, cache)
-    read.close_handles(cache)
+    files.close_handles(cache)
 
 
 def test_text_that_cannot_be_stored_is_repaired():

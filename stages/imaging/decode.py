@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stages.read import InputError
+from stages.inputs.records import InputError
 from stages.model.constants import CLIP_MEAN_RGB
 
 RESIZE_MODES = ("pad", "center-crop", "squash")

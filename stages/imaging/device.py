@@ -28,7 +28,7 @@ import torch
 from stages.imaging.resample import resample
 from stages.imaging.decode import RESIZE_MODES, load_pixels
 from stages.units import PreparedUnit
-from stages.read import InputError
+from stages.inputs.records import InputError
 
 DECODE_CHUNK = 256  # JPEGs decoded per call: bounds the device memory of decoded, not yet fitted images
 FIT_PIXELS = 1 << 24  # canvas pixels resampled per call (about 400 MB of float64 RGB)

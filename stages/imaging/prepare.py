@@ -13,7 +13,8 @@ import numpy as np
 from schemas.shard import empty_row, sample_key
 from stages.model.constants import CLIP_MEAN_RGB
 from stages.imaging.decode import device_jpeg_size, load_pixels
-from stages.read import InputError, InputRecord, clean_text, close_handles, load_image_bytes
+from stages.inputs.records import InputError, InputRecord, clean_text
+from stages.inputs.files import close_handles, load_image_bytes
 from stages.units import PreparedUnit
 
 
@@ -24,7 +25,7 @@ def prepare_unit(unit_id: int, first_index: int, records: list[InputRecord], ima
     `fill` (pad and transparency colour) and `interpolation` are the tower's (stages.model.tower).
     `image_ops="torch"` leaves plain JPEGs to the encoder actor (PreparedUnit.jpegs)."""
     start = time.perf_counter()
-    root = image_root or None  # a local folder or an object-store URL (stages.read)
+    root = image_root or None  # a local folder or an object-store URL (stages.inputs.files)
     rows, handles = [], {}
     # Filled in place: no list of arrays plus a stacked copy (half the task's peak memory).
     pixels, n_ok = np.empty((len(records), *image_size, 3), np.uint8), 0
