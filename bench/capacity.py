@@ -156,7 +156,7 @@ def stage_costs(llava: Path, root: Path, model: Path, n: int, repeats: int = 3) 
     from stages.inputs.kinds import read_slice
     from stages.model.factory import load_encoder
     from stages.model.tower import resolve_tower
-    from stages.writer import write_unit
+    from stages.output.writer import write_unit
 
     torch.set_num_threads(1)
     records = read_slice(list_input(str(llava), n).slices[0])

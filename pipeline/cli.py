@@ -201,12 +201,12 @@ def inspect_cmd(
     storage_options: str = typer.Option(None, "--storage-options", help=STORAGE_HELP),
 ):
     """Counts per status and failure reason, lam / lam_hat / margin histograms, methods, model, config."""
-    from stages.report import inspect_output
+    from stages.readers.inspect import inspect_output
 
     options = _storage_options(storage_options)
     typer.echo(inspect_output(out, options))
     if plot:
-        from stages.plot import plot_output
+        from stages.readers.plot import plot_output
 
         typer.echo(f"wrote {plot_output(out, plot, options)}")
 
@@ -222,7 +222,7 @@ def validate_cmd(
 ):
     """Check every committed unit: tar members against parquet rows and hashes, completeness,
     unique keys, index.json and run.json. Lists every problem; exit code 1 if any."""
-    from stages.validate import validate_output
+    from stages.readers.validate import validate_output
 
     problems = validate_output(out, _storage_options(storage_options))
     for line in problems:
@@ -247,7 +247,7 @@ def preview_cmd(
     """Contact sheet PNG: winner, loser, mask overlay (and saliency) with key, lam, lam_hat, margin."""
     from pathlib import Path
 
-    from stages.preview import make_contact_sheet
+    from stages.readers.preview import make_contact_sheet
 
     path = make_contact_sheet(out, n, Path(output), _storage_options(storage_options))
     typer.echo(f"wrote {path}")

@@ -25,14 +25,15 @@ from stages.units import Unit
 from schemas.layout import INDEX_FILE, SHARDS_DIR
 from schemas.shard import SCHEMA_VERSION
 from stages.errors import UserError, one_line
-from stages.lease import Lease
+from stages.output.lease import Lease
 from stages.inputs.kinds import default_image_root, detect_kind, list_input
-from stages.outdir import committed_units, read_run_file, remove_leftovers, remove_output
+from stages.readers.output_state import committed_units, read_run_file
+from stages.output.cleanup import remove_leftovers, remove_output
 from stages.tome.schedule import merge_schedule
 from stages.storage import input_fs, is_url, open_store
 from stages.model.weights import resolve_pretrained
 from stages.model.tower import resolve_tower
-from stages.writer import package_versions, write_run_files
+from stages.output.runfiles import package_versions, write_run_files
 
 
 @dataclass

@@ -14,7 +14,7 @@ from stages.model.constants import CLIP_MEAN_RGB
 from stages.inputs.kinds import read_slice
 from stages.storage import open_store
 from stages.units import PreparedUnit, Unit, UnitDecisions
-from stages.writer import write_unit
+from stages.output.writer import write_unit
 
 
 def prepare(unit: Unit, image_size, resize: str, image_root: str | None, fill=CLIP_MEAN_RGB,

@@ -16,6 +16,8 @@ file with a unit name but no stats file is an uncommitted leftover of an interru
 """
 from __future__ import annotations
 
+import json
+
 import re
 
 SHARDS_DIR = "shards"
@@ -91,3 +93,8 @@ def is_ours(run_or_index: object) -> bool:
 def is_our_card(data: bytes) -> bool:
     """Whether the bytes of an OUT/README.md are a dataset card we wrote (it carries CARD_MARKER)."""
     return CARD_MARKER.encode() in data
+
+
+def json_file_bytes(obj: dict) -> bytes:
+    """The bytes of our JSON files (a unit's stats, run.json, index.json): indented, no NaN."""
+    return (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode()

@@ -317,3 +317,10 @@ def validate_row(row: dict) -> list[str]:
     elif status in ("failed", "skipped") and not row.get("error"):
         problems.append(f"{key}: {status} row without error")
     return problems
+
+
+def error_reason(error: str | None) -> str:
+    """The reason part of an error string '<reason>: <detail>' (the whole string if no colon)."""
+    if not error:
+        return "unknown"
+    return error.split(":", 1)[0].strip() or "unknown"

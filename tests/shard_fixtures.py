@@ -8,7 +8,8 @@ import numpy as np
 
 from schemas.shard import empty_row, sample_key
 from stages.imaging.compose import PairImages
-from stages.writer import write_run_files, write_unit
+from stages.output.runfiles import write_run_files
+from stages.output.writer import write_unit
 
 H, W, PATCH = 32, 48, 8  # image size and patch size -> grid 4 x 6
 GRID = (H // PATCH, W // PATCH)

@@ -27,7 +27,7 @@ from pipeline.run import generate
 from stages.model.constants import CLIP_MEAN_RGB
 from stages.imaging.decode import decode_rgb
 from stages.inputs.records import InputError
-from stages.validate import validate_output
+from stages.readers.validate import validate_output
 from tests.conftest import local_ray, make_image
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,12 +14,15 @@ import pytest  # noqa: E402
 
 from schemas.layout import CARD_FILE, CARD_MARKER, is_root_tmp_file  # noqa: E402
 from schemas.shard import ARROW_SCHEMA  # noqa: E402
-from stages.card import card_tars, record_features  # noqa: E402
-from stages.outdir import card_owner, leftovers, remove_output  # noqa: E402
-from stages.shardread import iter_tar_samples, resolve_shards  # noqa: E402
+from stages.readers.output_state import card_tars  # noqa: E402
+from stages.output.card import record_features
+from stages.readers.output_state import card_owner, leftovers  # noqa: E402
+from stages.output.cleanup import remove_output
+from stages.readers.shards import iter_tar_samples, resolve_shards  # noqa: E402
 from stages.storage import open_store  # noqa: E402
-from stages.validate import validate_output  # noqa: E402
-from stages.writer import write_run_files, write_unit  # noqa: E402
+from stages.readers.validate import validate_output  # noqa: E402
+from stages.output.runfiles import write_run_files  # noqa: E402
+from stages.output.writer import write_unit
 from tests.shard_fixtures import make_output, unit_rows  # noqa: E402
 
 datasets = pytest.importorskip("datasets", reason="Hugging Face datasets is in the test extra")

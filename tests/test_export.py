@@ -22,9 +22,10 @@ from stages.export.hf import trl_messages  # noqa: E402
 from stages.export.llava import llava_row  # noqa: E402
 from stages.export.pairs import Pair, conversation  # noqa: E402
 from stages.export.swift import swift_row  # noqa: E402
-from stages.shardread import iter_tar_samples, resolve_shards  # noqa: E402
+from stages.readers.shards import iter_tar_samples, resolve_shards  # noqa: E402
 from stages.storage import open_store  # noqa: E402
-from stages.writer import write_run_files, write_unit  # noqa: E402
+from stages.output.runfiles import write_run_files  # noqa: E402
+from stages.output.writer import write_unit
 from tests.shard_fixtures import make_output, unit_rows  # noqa: E402
 
 datasets = pytest.importorskip("datasets", reason="Hugging Face datasets is in the test extra")

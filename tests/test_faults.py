@@ -29,7 +29,7 @@ from pipeline.faults import FAULTS_ENV
 from pipeline.distribute import UNIT_RETRIES
 from pipeline.run import generate
 from stages.errors import UserError
-from stages.validate import validate_output
+from stages.readers.validate import validate_output
 from tests.conftest import local_ray, sample_demo
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from pipeline.config import GenerateConfig
 from pipeline.run import generate
 from stages.errors import UserError
 from stages.mixing.methods import METHODS
-from stages.validate import validate_output
+from stages.readers.validate import validate_output
 from tests.conftest import local_ray, make_image, sample_demo
 
 pytestmark = pytest.mark.timeout(300)
@@ -343,7 +343,7 @@ def test_cli_run_prints_the_tower_and_worker_warnings_once(tiny_model_config, de
 def test_every_method_is_written_and_validates(tiny_model_config, demo, tmp_path, method):
     """Each --method through the command line as a new user runs it (jpg): every image ok,
     validate clean, and preview draws it. A method whose output cannot be written fails here."""
-    from stages.preview import make_contact_sheet
+    from stages.readers.preview import make_contact_sheet
 
     out = tmp_path / "out"
     proc = run_cli(tiny_model_config, demo, out, "--method", method, "--image-format", "jpg")

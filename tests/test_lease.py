@@ -1,4 +1,4 @@
-"""The output lease (stages.lease) on local disk: one holder, refusal naming it, heartbeat,
+"""The output lease (stages.output.lease) on local disk: one holder, refusal naming it, heartbeat,
 takeover of a stale lease (dead process on this host, or an old heartbeat from another
 host), exactly one winner when several take over at once, and loss detection."""
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 
 from schemas.layout import LEASE_FILE
 from stages.errors import UserError
-from stages.lease import Lease, is_live, read_lease
+from stages.output.lease import Lease
+from stages.readers.output_state import is_live, read_lease
 from stages.storage import LocalStore
 
 pytestmark = pytest.mark.timeout(120)

@@ -15,9 +15,9 @@ from PIL import Image
 
 from schemas.shard import SCHEMA_VERSION, empty_row
 from stages.errors import UserError
-from stages.conversation import sample_turns
+from stages.readers.conversation import sample_turns
 from stages.training.loader import NORMALIZE, ShardBatches, ShardDataset, collate_pairs, collated
-from stages.writer import write_unit
+from stages.output.writer import write_unit
 from tests.shard_fixtures import GRID, H, W, make_output, unit_rows
 
 

@@ -22,12 +22,12 @@ from pipeline.cli import app
 from pipeline.config import GenerateConfig
 from pipeline.run import generate
 from stages.errors import UserError
-from stages.lease import Lease
+from stages.output.lease import Lease
 from stages.training.loader import ShardDataset
-from stages.preview import make_contact_sheet
-from stages.report import inspect_output
+from stages.readers.preview import make_contact_sheet
+from stages.readers.inspect import inspect_output
 from stages.storage import open_store
-from stages.validate import validate_output
+from stages.readers.validate import validate_output
 from tests.conftest import local_ray, sample_demo
 
 REPO = Path(__file__).resolve().parents[1]

@@ -48,7 +48,7 @@ from pipeline.run import generate
 from stages.mixing.methods import METHODS, NEEDS_SALIENCY
 from stages.mixing.masks import topk_margin
 from stages.model.factory import load_encoder
-from stages.validate import validate_output
+from stages.readers.validate import validate_output
 from tests.conftest import local_ray, write_photo_set
 
 pytestmark = pytest.mark.timeout(600)

@@ -13,8 +13,8 @@ from pipeline.cli import app
 from pipeline.config import GenerateConfig
 from pipeline.run import generate
 from stages.errors import UserError
-from stages.lease import Lease
-from stages.validate import validate_output
+from stages.output.lease import Lease
+from stages.readers.validate import validate_output
 from stages.storage import LocalStore
 from tests.conftest import local_ray, sample_demo
 

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from stages.errors import UserError
-from stages.plot import collect, figure, plot_output
+from stages.readers.plot import collect, figure, plot_output
 from stages.storage import open_store
-from stages.writer import write_unit
+from stages.output.writer import write_unit
 from tests.shard_fixtures import make_output, unit_rows
 
 pytest.importorskip("matplotlib", reason="matplotlib is in the test extra")

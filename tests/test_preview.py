@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from stages.errors import UserError
-from stages.preview import PAD, TEXT_W, TILE_H, make_contact_sheet, mask_overlay
-from stages.writer import write_unit
+from stages.readers.preview import PAD, TEXT_W, TILE_H, make_contact_sheet, mask_overlay
+from stages.output.writer import write_unit
 from tests.shard_fixtures import H, PATCH, W, make_output, unit_rows
 
 CLI = str(Path(sys.executable).with_name("mergemix-pipeline"))

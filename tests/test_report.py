@@ -1,10 +1,10 @@
-"""`inspect` (stages.report): the human report of an output."""
+"""`inspect` (stages.readers.inspect): the human report of an output."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from stages.report import inspect_output, text_histogram
+from stages.readers.inspect import inspect_output, text_histogram
 from tests.shard_fixtures import make_output
 
 

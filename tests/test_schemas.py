@@ -22,7 +22,7 @@ from schemas.shard import (
     table_from_rows,
     validate_row,
 )
-from stages.writer import write_unit
+from stages.output.writer import write_unit
 from tests.shard_fixtures import unit_rows
 
 REQUESTED = """key source_id status error partner_key partner_source_id lam lam_hat margin method lam_mode

@@ -27,10 +27,10 @@ from pipeline.config import GenerateConfig
 from schemas.shard import empty_row, sample_key
 from stages.errors import UserError
 from stages.training.loader import ShardDataset
-from stages.shardread import iter_tar_members, resolve_shards
-from stages.validate import validate_output
+from stages.readers.shards import iter_tar_members, resolve_shards
+from stages.readers.validate import validate_output
 from stages.imaging.compose import PairImages
-from stages.writer import write_unit
+from stages.output.writer import write_unit
 from tests.conftest import make_image
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from stages.errors import UserError
-from stages.lease import Lease, read_lease
+from stages.output.lease import Lease
+from stages.readers.output_state import read_lease
 from stages.storage import FsspecStore, LocalStore, is_transient, open_store
 
 pytestmark = pytest.mark.timeout(120)
@@ -87,8 +88,9 @@ def test_urls_pick_the_store(tmp_path):
 def test_the_commit_protocol_in_memory(tmp_path):
     """write_unit on an object store (memory://): tar and Parquet under their final names, the
     stats object last; a unit without its stats is a leftover that a resume removes."""
-    from stages.outdir import committed_units, leftovers, remove_leftovers
-    from stages.writer import write_unit
+    from stages.readers.output_state import committed_units, leftovers
+    from stages.output.cleanup import remove_leftovers
+    from stages.output.writer import write_unit
     from tests.shard_fixtures import unit_rows
 
     store = open_store(f"memory://{tmp_path.name}/commit")

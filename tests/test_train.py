@@ -21,7 +21,8 @@ from stages.errors import UserError
 from stages.training.loop import CHECKPOINT, LOG, TrainConfig, cosine_with_warmup, evaluate, load_trained, train
 from stages.training.vlm import ToyVLM, build_adapter
 from stages.imaging.compose import PairImages
-from stages.writer import write_run_files, write_unit
+from stages.output.runfiles import write_run_files
+from stages.output.writer import write_unit
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 50, 220), "yellow": (230, 220, 40), "white": (240, 240, 240), "black": (15, 15, 15)}

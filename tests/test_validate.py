@@ -14,8 +14,8 @@ import pytest
 
 from schemas.shard import ARROW_SCHEMA
 from stages.errors import UserError
-from stages.report import inspect_output
-from stages.validate import validate_output
+from stages.readers.inspect import inspect_output
+from stages.readers.validate import validate_output
 from tests.shard_fixtures import make_output
 
 CLI = str(Path(sys.executable).with_name("mergemix-pipeline"))

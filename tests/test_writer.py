@@ -12,11 +12,13 @@ import pytest
 from PIL import Image
 
 from schemas.shard import FIELDS, SCHEMA_VERSION, sample_key
-from stages.outdir import committed_units, read_stats, remove_leftovers
+from stages.readers.output_state import committed_units, read_stats
+from stages.output.cleanup import remove_leftovers
 from stages.storage import LocalStore
 from stages.imaging.compose import PairImages
 from stages.imaging.codec import encode_image
-from stages.writer import write_run_files, write_unit
+from stages.output.runfiles import write_run_files
+from stages.output.writer import write_unit
 from tests.shard_fixtures import GRID, H, W, make_output, synthetic_pair, unit_rows
 
 
@@ -108,7 +110,7 @@ def test_same_content_gives_byte_identical_tars_and_parquet(tmp_path, fmt):
 def test_streaming_in_chunks_changes_no_byte(tmp_path, monkeypatch):
     """The writer encodes and types WRITE_CHUNK samples at a time; chunk boundaries (falling on
     failed rows too) must not show in the files."""
-    from stages import writer
+    from stages.output import writer
 
     def write(run):
         rows, images = unit_rows(2, 11, failed=(2, 3), skipped=(9,))
@@ -187,7 +189,7 @@ def test_mixup_mask_is_the_blend_weight_and_selections_stay_binary(tmp_path):
     """The shard contract for masks (schemas.shard.mask_problem): a mixup row stores the winner's
     weight round(255 * lam) on every patch and kept_patches null; every other method 0/255."""
     from schemas.shard import mask_problem
-    from stages.validate import validate_output
+    from stages.readers.validate import validate_output
 
     rows, images = unit_rows(0, 4)
     for row in rows:

@@ -21,8 +21,8 @@ from pathlib import Path
 from stages.errors import UserError
 from stages.export import hf, llava, swift
 from stages.export.pairs import Pairs
-from stages.outdir import committed_units, require_finished
-from stages.shardread import output_store
+from stages.readers.output_state import committed_units, require_finished
+from stages.readers.shards import output_store
 from stages.storage import is_url, local_path
 
 WRITERS = {"swift": swift.write, "hf": hf.write, "llava": llava.write}

@@ -13,9 +13,9 @@ from tqdm import tqdm
 
 from schemas.layout import SHARDS_DIR
 from schemas.shard import part_ext
-from stages.conversation import DEFAULT_PROMPT, IMAGE_PLACEHOLDER as IMAGE_TAG
+from stages.readers.conversation import DEFAULT_PROMPT, IMAGE_PLACEHOLDER as IMAGE_TAG
 from stages.errors import UserError
-from stages.shardread import ShardRef, iter_tar_samples, parse_record
+from stages.readers.shards import ShardRef, iter_tar_samples, parse_record
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from stages.errors import UserError
-from stages.conversation import sample_turns
+from stages.readers.conversation import sample_turns
 from stages.training.loader import ShardDataset
 from stages.training.losses import mergemix_loss
 from stages.training.vlm import LlavaHF

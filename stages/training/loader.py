@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
-from stages.conversation import sample_turns
+from stages.readers.conversation import sample_turns
 from stages.errors import UserError
-from stages.shardread import ShardRef, iter_tar_samples, read_parquet, read_sample, resolve_shards
+from stages.readers.shards import ShardRef, iter_tar_samples, read_parquet, read_sample, resolve_shards
 from stages.model.constants import OPENAI_MEAN, OPENAI_STD
 
 # open_clip / OpenAI CLIP and ImageNet channel statistics.

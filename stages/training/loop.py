@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from schemas.layout import SHARDS_DIR, shard_name, tar_name
 from stages.errors import UserError
-from stages.outdir import committed_units, require_finished
+from stages.readers.output_state import committed_units, require_finished
 from stages.storage import open_store
 from stages.training.config import TrainConfig
 from stages.training.loader import ShardBatches, ShardDataset, collate_pairs, collated, rank_world

@@ -2,7 +2,7 @@
 
 Every adapter is an `nn.Module` whose forward takes a batch of images (B x 3 x H x W floats in
 [0, 1], as the shard loader yields them), the conversations as lists of (question, answer)
-turns (`stages.conversation.sample_turns`) and optionally `has_image` (B bools; rows without an
+turns (`stages.readers.conversation.sample_turns`) and optionally `has_image` (B bools; rows without an
 image are text-only and their image is ignored). It returns the logits over its own full input
 sequence plus labels aligned with it (Hugging Face convention, unshifted): the tokens of every
 answer of every turn, each with its end-of-turn token, and -100 everywhere else. The losses in

@@ -24,59 +24,10 @@ from dataclasses import dataclass, field
 
 from schemas.layout import LEASE_FILE, PRODUCER
 from stages.errors import UserError
+from stages.readers.output_state import TTL_S, describe, is_live, process_start, read_lease
 
-TTL_S = 60.0  # a lease whose heartbeat is older than this is stale
 INTERVAL_S = 10.0  # heartbeat period
 SETTLE_S = 1.0  # wait before reading back a lease written over a stale one
-
-
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of `pid` (clock ticks since boot), so a reused pid is not mistaken
-    for the holder; None where /proc is not available."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    now = _process_start(pid)
-    return start is None or now is None or now == start
-
-
-def describe(info: dict, now: float | None = None) -> str:
-    """One line naming a lease's holder."""
-    age = (now or time.time()) - float(info.get("heartbeat", 0))
-    return (f"host {info.get('host')}, pid {info.get('pid')}, started {info.get('started')}, "
-            f"last heartbeat {age:.0f} s ago")
-
-
-def read_lease(store) -> dict | None:
-    """The lease file's content, or None when there is none (or it is unreadable)."""
-    try:
-        info = json.loads(store.read_bytes(LEASE_FILE))
-    except (FileNotFoundError, ValueError):
-        return None
-    return info if isinstance(info, dict) else None
-
-
-def is_live(info: dict | None, now: float | None = None) -> bool:
-    """Whether a lease is held by a running process (see the module docstring)."""
-    if not info:
-        return False
-    now = time.time() if now is None else now
-    if now - float(info.get("heartbeat", 0)) > float(info.get("ttl", TTL_S)):
-        return False
-    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
-        return _alive(info["pid"], info.get("pid_start"))
-    return True
 
 
 @dataclass
@@ -95,7 +46,7 @@ class Lease:
     def _content(self) -> bytes:
         pid = os.getpid()
         info = {"producer": PRODUCER, "what": self.what, "token": self.token, "host": socket.gethostname(),
-                "pid": pid, "pid_start": _process_start(pid), "started": self._started,
+                "pid": pid, "pid_start": process_start(pid), "started": self._started,
                 "heartbeat": time.time(), "ttl": self.ttl}
         return (json.dumps(info, indent=1) + "\n").encode()
 

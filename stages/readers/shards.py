@@ -18,7 +18,7 @@ from PIL import Image
 from schemas.layout import RUN_FILE, SHARDS_DIR, STATS_SUFFIX
 from schemas.shard import check_arrow_schema, check_schema_version, part_ext
 from stages.errors import UserError, one_line
-from stages.outdir import committed_units
+from stages.readers.output_state import committed_units
 from stages.storage import is_url, open_store
 
 

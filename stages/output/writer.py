@@ -2,7 +2,7 @@
 
 A unit is committed when `shards/NNNNNN_stats.json` exists: the tar and the Parquet file are
 written first (each atomically, see stages.storage), and the stats file last, so a crash at
-any point leaves either a committed unit or leftovers that stages.outdir recognises and
+any point leaves either a committed unit or leftovers that stages.readers.output_state recognises and
 removes. Tars have fixed headers (mtime 0, uid/gid 0, mode 0444, USTAR) so the same content
 gives byte-identical tars.
 """
@@ -11,30 +11,26 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import sys
 import tarfile
 import time
 from collections.abc import Mapping
-from importlib import metadata
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
-from schemas.layout import INDEX_FILE, PRODUCER, RUN_FILE, SHARDS_DIR, shard_name, unit_files
+from schemas.layout import SHARDS_DIR, json_file_bytes, shard_name, unit_files
 from schemas.shard import (
     IMAGE_FORMATS,
     SCHEMA_VERSION,
     STATUSES,
+    error_reason,
     mask_problem,
     member_name,
     table_from_rows,
 )
-from stages.card import write_card
 from stages.imaging.codec import encode_image
 from stages.imaging.compose import PairImages
-from stages.outdir import committed_units
 from stages.storage import open_store
 
 TAR_MTIME = 0  # fixed so identical content gives identical bytes
@@ -77,10 +73,6 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
-
-
-def _json_bytes(obj: dict) -> bytes:
-    return (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode()
 
 
 def _encode_pair(row: dict, pair: PairImages, image_format: str, jpeg_quality: int) -> list[tuple[str, bytes]]:
@@ -217,79 +209,10 @@ def write_unit(
     stats.update(extra)
     stats["timings"]["write_s"] = round(time.perf_counter() - t0, 6)
     try:
-        store.write_bytes(stats_name, _json_bytes(stats))  # the commit
+        store.write_bytes(stats_name, json_file_bytes(stats))  # the commit
     except BaseException:
         if not store.exists(stats_name):  # not committed: take back the tar and parquet too
             store.delete(tar_name)
             store.delete(pq_name)
         raise
     return stats
-
-
-def error_reason(error: str | None) -> str:
-    """The reason part of an error string '<reason>: <detail>' (the whole string if no colon)."""
-    if not error:
-        return "unknown"
-    return error.split(":", 1)[0].strip() or "unknown"
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that shape the output (for run.json)."""
-    versions = {"python": sys.version.split()[0]}
-    for dist in ("mergemix-pipeline", "torch", "open_clip_torch", "numpy", "pillow", "pyarrow", "webdataset", "ray"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    return versions
-
-
-def write_run_files(out_dir, run_info: dict) -> str | None:
-    """Write OUT/run.json (run_info + versions + totals over committed units), OUT/index.json
-    (wids-shard-index-v1 with relative urls, so the directory can move) and the dataset card
-    OUT/README.md (stages.card). Returns a notice when the card was skipped (a README.md of
-    somebody else's is there), else None."""
-    store = open_store(out_dir)
-    units = committed_units(store)
-    totals = {"units": len(units), "total": 0, **{s: 0 for s in STATUSES}}
-    errors: dict[str, int] = {}
-    timings: dict[str, float] = {}
-    tar_bytes = 0
-    for stats in units.values():
-        for name in ("total", *STATUSES):
-            totals[name] += int(stats.get("counts", {}).get(name, 0))
-        for reason, n in stats.get("errors", {}).items():
-            errors[reason] = errors.get(reason, 0) + n
-        for name, v in stats.get("timings", {}).items():
-            if isinstance(v, (int, float)):
-                timings[name] = round(timings.get(name, 0.0) + v, 6)
-        tar_bytes += stats["tar"]["filesize"]
-    totals["errors"] = dict(sorted(errors.items()))
-    totals["tar_bytes"] = tar_bytes
-    totals["unit_timings_sum_s"] = timings
-
-    run = {"producer": PRODUCER, **run_info}
-    run.setdefault("schema_version", SCHEMA_VERSION)
-    run.setdefault("versions", package_versions())
-    run["totals"] = totals
-    store.write_bytes(RUN_FILE, _json_bytes(run))
-
-    index = {
-        "__kind__": "wids-shard-index-v1",
-        "wids_version": 1,
-        "producer": PRODUCER,
-        "name": store.url.rstrip("/").rsplit("/", 1)[-1],
-        "schema_version": SCHEMA_VERSION,
-        "shardlist": [
-            {
-                "url": f"{SHARDS_DIR}/{stats['tar']['file']}",
-                "nsamples": stats["tar"]["nsamples"],
-                "filesize": stats["tar"]["filesize"],
-                "md5sum": stats["tar"]["md5sum"],
-            }
-            for stats in units.values()
-        ],
-    }
-    store.write_bytes(INDEX_FILE, _json_bytes(index))
-    return write_card(store, units, run)
-

@@ -19,9 +19,9 @@ import pyarrow.compute as pc
 
 from schemas.layout import SHARDS_DIR
 from stages.errors import UserError
-from stages.outdir import committed_units
-from stages.shardread import output_store, read_parquet
-from stages.writer import error_reason
+from stages.readers.output_state import committed_units
+from stages.readers.shards import output_store, read_parquet
+from schemas.shard import error_reason
 
 COLUMNS = ["status", "error", "lam", "lam_hat", "margin", "method", "kept_patches", "grid", "saliency"]
 SCATTER_MAX = 20_000

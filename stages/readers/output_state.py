@@ -1,15 +1,19 @@
-"""An output directory as a whole: its committed units, the leftovers of interrupted writes,
-its run files, and whether it is finished. Only names of schemas.layout are ever touched:
-other files in OUT (someone's notes, a `999999.tar` outside the plan, subfolders) are left
-alone by the cleanup and by `--overwrite`.
-"""
+"""What an output holds, as any reader sees it: its committed units and their stats, the leftovers of
+interrupted writes, its run files, its dataset card (ours or not, and the tars it lists), and whether
+a `generate` run is writing it (a live lease: stages.output.lease). Only reads; the driver's cleanup
+is stages.output.cleanup."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
+
+import yaml
 
 from schemas.layout import (
     CARD_FILE,
-    INDEX_FILE,
+    LEASE_FILE,
     RUN_FILE,
     SHARDS_DIR,
     STATS_SUFFIX,
@@ -19,10 +23,11 @@ from schemas.layout import (
     parse_tmp_file,
     parse_unit_file,
     stats_name,
-    unit_files,
 )
 from stages.errors import UserError
-from stages.lease import describe, is_live, read_lease
+
+
+TTL_S = 60.0  # a lease whose heartbeat is older than this is stale
 
 
 def shard(name: str) -> str:
@@ -68,26 +73,6 @@ def leftovers(store, units: range | None = None) -> list[str]:
     return found
 
 
-def remove_leftovers(store, units: range | None = None) -> list[str]:
-    """Delete what `leftovers` lists (before a resume); returns the names."""
-    names = leftovers(store, units)
-    for name in names:
-        store.delete(name)
-    return names
-
-
-def remove_output(store, units: range | None = None) -> None:
-    """--overwrite: delete our run files, our card, every committed unit and our leftovers; nothing else."""
-    for unit in committed_units(store):
-        for name in reversed(unit_files(unit)):  # stats first: a crash midway leaves leftovers, not a broken unit
-            store.delete(shard(name))
-    remove_leftovers(store, units)
-    for name in (RUN_FILE, INDEX_FILE):
-        store.delete(name)
-    if card_owner(store) == "ours":
-        store.delete(CARD_FILE)
-
-
 def card_owner(store) -> str:
     """Who OUT/README.md belongs to: 'absent', 'ours' (it carries our marker) or 'foreign'."""
     try:
@@ -97,6 +82,19 @@ def card_owner(store) -> str:
     except OSError:  # a folder of that name, unreadable: not ours to touch
         return "foreign"
     return "ours" if is_our_card(data) else "foreign"
+
+
+def card_tars(data: bytes) -> list[str] | None:
+    """The tar names listed by a card's default config (None when it lists none or does not parse)."""
+    text = data.decode("utf-8", errors="replace")
+    if not text.startswith("---\n") or "\n---\n" not in text[4:]:
+        return None
+    try:
+        meta = yaml.safe_load(text[4 : text.index("\n---\n", 4)])
+        paths = meta["configs"][0]["data_files"][0]["path"]
+    except (yaml.YAMLError, KeyError, IndexError, TypeError):
+        return None
+    return [paths] if isinstance(paths, str) else list(paths) if isinstance(paths, list) else None
 
 
 def read_run_file(store, name: str = RUN_FILE) -> dict | None:
@@ -149,3 +147,52 @@ def unfinished(store) -> list[str]:
     if left:
         reasons.append(f"{len(left)} uncommitted file(s) of an interrupted write, e.g. {left[0]}")
     return reasons
+
+
+def read_lease(store) -> dict | None:
+    """The lease file's content, or None when there is none (or it is unreadable)."""
+    try:
+        info = json.loads(store.read_bytes(LEASE_FILE))
+    except (FileNotFoundError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def is_live(info: dict | None, now: float | None = None) -> bool:
+    """Whether a lease is held by a running process (see the module docstring)."""
+    if not info:
+        return False
+    now = time.time() if now is None else now
+    if now - float(info.get("heartbeat", 0)) > float(info.get("ttl", TTL_S)):
+        return False
+    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+        return _alive(info["pid"], info.get("pid_start"))
+    return True
+
+
+def describe(info: dict, now: float | None = None) -> str:
+    """One line naming a lease's holder."""
+    age = (now or time.time()) - float(info.get("heartbeat", 0))
+    return (f"host {info.get('host')}, pid {info.get('pid')}, started {info.get('started')}, "
+            f"last heartbeat {age:.0f} s ago")
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    now = process_start(pid)
+    return start is None or now is None or now == start
+
+
+def process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (clock ticks since boot), so a reused pid is not mistaken
+    for the holder; None where /proc is not available."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None

@@ -21,7 +21,7 @@ import yaml
 
 from schemas.layout import CARD_FILE, CARD_MARKER, SHARDS_DIR
 from schemas.shard import ARROW_SCHEMA, SCHEMA_VERSION, part_ext
-from stages.outdir import card_owner
+from stages.readers.output_state import card_owner
 
 _FLOATS = {pa.float32(): "float32", pa.float64(): "float64"}
 
@@ -125,17 +125,3 @@ def write_card(store, units: dict[int, dict], run: dict) -> str | None:
                 "(`datasets.load_dataset` on this folder will not find the pairs)")
     store.write_bytes(CARD_FILE, card_text(units, run).encode())
     return None
-
-
-def card_tars(data: bytes) -> list[str] | None:
-    """The tar names listed by a card's default config (None when it lists none or does not parse)."""
-    text = data.decode("utf-8", errors="replace")
-    if not text.startswith("---\n") or "\n---\n" not in text[4:]:
-        return None
-    try:
-        meta = yaml.safe_load(text[4 : text.index("\n---\n", 4)])
-        paths = meta["configs"][0]["data_files"][0]["path"]
-    except (yaml.YAMLError, KeyError, IndexError, TypeError):
-        return None
-    return [paths] if isinstance(paths, str) else list(paths) if isinstance(paths, list) else None
-

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from stages.imaging.compose import upsample
 from stages.errors import UserError
-from stages.shardread import iter_tar_samples, output_store, read_sample, resolve_shards
+from stages.readers.shards import iter_tar_samples, output_store, read_sample, resolve_shards
 
 TILE_H = 160  # every image is scaled to this height
 PAD = 6

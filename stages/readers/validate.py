@@ -7,15 +7,14 @@ import io
 import json
 from collections import Counter
 
-import numpy as np
 from PIL import Image
 
 from schemas.layout import CARD_FILE, INDEX_FILE, RUN_FILE, SHARDS_DIR, STATS_SUFFIX, parse_tmp_file, parse_unit_file
 from schemas.shard import FIELDS, PARTS, SCHEMA_VERSION, mask_problem, part_ext, sample_key, shard_name, validate_row
 from stages.errors import UserError
-from stages.card import card_tars
-from stages.outdir import card_owner, read_stats
-from stages.shardread import ShardRef, decode_image, iter_tar_samples, output_store, read_parquet
+from stages.readers.output_state import card_tars
+from stages.readers.output_state import card_owner, read_stats
+from stages.readers.shards import ShardRef, decode_image, iter_tar_samples, output_store, read_parquet
 
 
 def _read_json(store, name: str):

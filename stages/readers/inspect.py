@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.layout import RUN_FILE, SHARDS_DIR, STATS_SUFFIX, parse_unit_file
-from stages.outdir import committed_units
-from stages.shardread import output_store, read_parquet
-from stages.writer import error_reason
+from stages.readers.output_state import committed_units
+from stages.readers.shards import output_store, read_parquet
+from schemas.shard import error_reason
 
 _INSPECT_COLUMNS = ["status", "error", "lam", "lam_hat", "margin", "method", "lam_mode", "model", "pretrained",
                     "image_format", "image_size", "grid", "merge_total", "merge_schedule", "attn_layer"]
