@@ -29,7 +29,7 @@ POOL = 64  # distinct images the rows point at
 
 
 def _image_pool(root: Path) -> list[str]:
-    from stages.sample_data import draw_sample
+    from stages.samples.demo import draw_sample
     import numpy as np
 
     (root / "images").mkdir(parents=True, exist_ok=True)

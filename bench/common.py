@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.sample_data import write_sample_data  # noqa: E402
+from stages.samples.demo import write_sample_data  # noqa: E402
 
 SCRATCH = Path(os.environ.get("MM_BENCH_DIR", "/tmp/mm-bench"))
 RESULTS = ROOT / "bench" / "results"

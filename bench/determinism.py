@@ -35,7 +35,7 @@ from stages.mixing.masks import topk_margin, topk_patch_mask
 from stages.mixing.ratios import parse_lam_spec, sample_lams
 from stages.model.factory import load_encoder
 from stages.model.tower import resolve_tower
-from stages.sample_data import write_sample_data
+from stages.samples.demo import write_sample_data
 
 ROUNDINGS = (None, 1e-6, 1e-5, 1e-4, 1e-3)
 LAM_DRAWS = 5

@@ -177,7 +177,7 @@ def sample_data(
     seed: int = typer.Option(0, help="seed for the generated images"),
 ):
     """Write a small LLaVA-format demo set (generated images, questions, answers)."""
-    from stages.sample_data import write_sample_data
+    from stages.samples.demo import write_sample_data
 
     path = write_sample_data(directory, n=n, seed=seed)
     typer.echo(f"wrote {n} samples: {path} (images under {path.parent / 'images'})")
@@ -267,7 +267,7 @@ def export_cmd(
     storage_options: str = typer.Option(None, "--storage-options", help=STORAGE_HELP),
 ):
     """Write the pairs in the layout of another trainer: ms-swift, Hugging Face datasets / TRL, LLaVA."""
-    from stages.export import export
+    from stages.export.exporter import export
 
     result = export(out, dest, to, storage_options=_storage_options(storage_options), allow_partial=allow_partial,
                     progress=progress, echo=lambda line: typer.echo(line, err=True))
@@ -320,7 +320,7 @@ def train_cmd(
     """Train a model on the shards with SFT + mixed SimPO (docs/METHOD.md section 5)."""
     flags = dict(locals())  # first: the flags only
     from stages.training.config import TrainConfig
-    from stages.training.loop import train
+    from stages.training.train import train
 
     given = {name: value for name, value in flags.items() if name not in ("shards", "output", "storage_options") and value is not None}
     if given.get("max_length") == 0:

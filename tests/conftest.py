@@ -134,8 +134,8 @@ def local_ray(env: dict | None = None, runtime_env: dict | None = None):
 
 
 def sample_demo(tmp_path_factory, n: int, seed: int, name: str = "demo") -> Path:
-    """A folder with a LLaVA-format JSON of n generated pictures (stages.sample_data)."""
-    from stages.sample_data import write_sample_data
+    """A folder with a LLaVA-format JSON of n generated pictures (stages.samples.demo)."""
+    from stages.samples.demo import write_sample_data
 
     root = tmp_path_factory.mktemp(name)
     write_sample_data(root, n=n, seed=seed)

@@ -21,7 +21,7 @@ from ray.cluster_utils import Cluster
 
 from pipeline.config import GenerateConfig
 from pipeline.run import generate
-from stages.sample_data import write_sample_data
+from stages.samples.demo import write_sample_data
 from stages.readers.validate import validate_output
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from pipeline.cli import app  # noqa: E402
 from stages.errors import UserError  # noqa: E402
-from stages.export import export  # noqa: E402
+from stages.export.exporter import export  # noqa: E402
 from stages.export.hf import trl_messages  # noqa: E402
 from stages.export.llava import llava_row  # noqa: E402
 from stages.export.pairs import Pair, conversation  # noqa: E402

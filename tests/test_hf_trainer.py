@@ -14,7 +14,7 @@ import torch  # noqa: E402
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
-from stages.export import export  # noqa: E402
+from stages.export.exporter import export  # noqa: E402
 from stages.training.hf_trainer import MergeMixTrainer, MergeMixTrainingArguments, PairCollator, main  # noqa: E402
 from stages.training.loader import ShardDataset  # noqa: E402
 from stages.training.losses import mergemix_loss  # noqa: E402

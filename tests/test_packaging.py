@@ -69,7 +69,7 @@ def _installed(built, tmp_path) -> tuple[Path, dict]:
 
 def test_installed_wheel_runs_from_outside_the_checkout(built, tmp_path):
     target, env = _installed(built, tmp_path)
-    where = subprocess.run([sys.executable, "-c", "import pipeline, stages, schemas, stages.training.loop; "
+    where = subprocess.run([sys.executable, "-c", "import pipeline, stages, schemas, stages.training.train; "
                             "print(pipeline.__file__, stages.__file__, schemas.__file__)"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.split()
     assert all(Path(p).is_relative_to(target) for p in where), where

@@ -81,7 +81,7 @@ def test_encoder_checkpoint_path_is_not_unpickled(tiny_model_config, tmp_path):
 
 
 def test_train_resume_does_not_unpickle_code(tmp_path):
-    from stages.training.loop import CHECKPOINT, TrainConfig, train
+    from stages.training.train import CHECKPOINT, TrainConfig, train
 
     run = tmp_path / "run"
     run.mkdir()

@@ -18,7 +18,7 @@ import torch
 
 from schemas.shard import empty_row, sample_key
 from stages.errors import UserError
-from stages.training.loop import CHECKPOINT, LOG, TrainConfig, cosine_with_warmup, evaluate, load_trained, train
+from stages.training.train import CHECKPOINT, LOG, TrainConfig, cosine_with_warmup, evaluate, load_trained, train
 from stages.training.vlm import ToyVLM, build_adapter
 from stages.imaging.compose import PairImages
 from stages.output.runfiles import write_run_files

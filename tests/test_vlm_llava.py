@@ -18,7 +18,7 @@ pytest.importorskip("sentencepiece")
 
 from stages.errors import UserError  # noqa: E402
 from stages.training.losses import IGNORE_INDEX, mergemix_loss, sequence_logps, sft_loss  # noqa: E402
-from stages.training.loop import CHECKPOINT, TrainConfig, train  # noqa: E402
+from stages.training.train import CHECKPOINT, TrainConfig, train  # noqa: E402
 from stages.training.vlm import LlavaHF  # noqa: E402
 from tests.test_train import Interrupted, read_log, stop_at  # noqa: E402
 from tests.tiny_llava import IMAGE_TOKENS, LLAVA_HF_CHAT_TEMPLATE, llama_tokenizer, tiny_llava  # noqa: E402
@@ -208,7 +208,7 @@ def chats(tmp_path_factory, tiny_model_config):
 
     from pipeline.config import GenerateConfig
     from pipeline.run import generate
-    from stages.sample_data import write_sample_data
+    from stages.samples.demo import write_sample_data
 
     root = tmp_path_factory.mktemp("chat-input")
     rows = json.loads(write_sample_data(root, n=12, seed=5).read_text())[:-1]
