@@ -19,7 +19,7 @@ from stages.training.hf_trainer import MergeMixTrainer, MergeMixTrainingArgument
 from stages.training.loader import ShardDataset  # noqa: E402
 from stages.training.losses import mergemix_loss  # noqa: E402
 from stages.training.vlm import LlavaHF  # noqa: E402
-from tests.test_train import colour_shards  # noqa: E402
+from tests.stages.training.test_train import colour_shards  # noqa: E402
 from tests.tiny_llava import LLAVA_HF_CHAT_TEMPLATE, llama_tokenizer, tiny_llava  # noqa: E402
 
 
@@ -118,7 +118,7 @@ def test_two_processes_under_torchrun(shards, tmp_path):
         [str(torchrun), "--nproc_per_node", "2", "-m", "stages.training.hf_trainer", "--model_path", str(model_dir), "--data", str(shards),
          "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--per_device_train_batch_size", "3",
          "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true", "--ddp_backend", "gloo"],
-        capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parents[1])
+        capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parents[3])
     assert run.returncode == 0, run.stderr[-3000:]
     assert "rewards/accuracies" in run.stdout + run.stderr and (tmp_path / "run" / "model.safetensors").exists()
 
@@ -126,7 +126,7 @@ def test_two_processes_under_torchrun(shards, tmp_path):
 def test_text_only_rows_train_sft_only_through_the_trainer(tmp_path):
     """ShardDataset(text_only=True) through PairCollator: text-only rows carry every turn, no image,
     and a batch of them alone scores SFT only (no SimPO pair), as `train --text-only-rows` does."""
-    from tests.test_loader_compat import text_only_output
+    from tests.stages.training.test_loader import text_only_output
 
     samples = list(ShardDataset(text_only_output(tmp_path / "out"), text_only=True))
     batch = PairCollator()(samples[:3])

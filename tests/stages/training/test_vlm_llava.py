@@ -20,7 +20,7 @@ from stages.errors import UserError  # noqa: E402
 from stages.training.losses import IGNORE_INDEX, mergemix_loss, sequence_logps, sft_loss  # noqa: E402
 from stages.training.train import CHECKPOINT, TrainConfig, train  # noqa: E402
 from stages.training.vlm import LlavaHF  # noqa: E402
-from tests.test_train import Interrupted, read_log, stop_at  # noqa: E402
+from tests.stages.training.test_train import Interrupted, read_log, stop_at  # noqa: E402
 from tests.tiny_llava import IMAGE_TOKENS, LLAVA_HF_CHAT_TEMPLATE, llama_tokenizer, tiny_llava  # noqa: E402
 
 # LLaVA-1.5's system prompt (conv_vicuna_v1), written out here rather than imported.

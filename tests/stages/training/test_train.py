@@ -24,7 +24,7 @@ from stages.imaging.compose import PairImages
 from stages.output.runfiles import write_run_files
 from stages.output.writer import write_unit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 50, 220), "yellow": (230, 220, 40), "white": (240, 240, 240), "black": (15, 15, 15)}
 PROMPT = "What colour is the picture?"
 
