@@ -94,9 +94,9 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Grey clutter: a base level, a smooth texture and grey marks (lines, boxes, blobs)."""
     base = rng.uniform(70, 180)
     coarse = rng.normal(0, 1, size=(5, 5)).astype(np.float32)
-    texture = np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BILINEAR))
+    texture = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR))
     grey = np.clip(base + 20 * texture, 25, 230).astype(np.uint8)
-    img = Image.fromarray(grey, mode="L")
+    img = Image.fromarray(grey)  # mode L
     draw = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(4, 9))):
         kind = rng.integers(3)
