@@ -15,7 +15,7 @@ follows the encoder (mergemix, mergemix-official, mergemix-r; topk per block); e
 with a patch mask at the default block (-2) with R = L/2; lam fixed at 0.3, then lam ~ U(0, 1)
 for the share by lam bin. (mixup blends every pixel: it has no patch mask.)
 
-    python bench/saliency.py                    # 256 scenes, ~10 minutes on 2 cores
+    python bench/saliency.py                    # 256 scenes, 58 runs: 14 minutes on a busy 2-core machine
     python bench/saliency.py --scenes 1024 --out bench/results/saliency_1024.json
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ Deterministic on one machine: a fixed seed, a fixed thread count and
 torch.use_deterministic_algorithms(True). Writes the model config (with its
 preprocess_cfg), the checkpoint (open_clip's full CLIP state dict), SHA256SUMS and a README.
 
-    python bench/train_scene_tower.py                  # ~5 minutes on one CPU core
+    python bench/train_scene_tower.py                  # 7 minutes on one core of a busy 2-core machine
     python bench/train_scene_tower.py --steps 100 --out /tmp/scene-tower   # a quick try
 """
 from __future__ import annotations
