@@ -260,9 +260,10 @@ def _draw_crop(rng: np.random.Generator, height: int, width: int, area: tuple[fl
     w = round(sqrt(s*H*W*r)), h = round(sqrt(s*H*W/r)); the first box with 0 < w <= W and
     0 < h <= H is placed with top ~ U{0..H-h}, left ~ U{0..W-w}. When all 10 fail, torchvision's
     fallback: the largest centred box whose aspect is clamped to [3/4, 4/3] (the whole image if
-    its own aspect is inside; top and left by floor division). At an aspect within [3/4, 4/3]
-    and 34 pixels or more the tries never fail (w, h >= 1 and the box always fits), so the
-    fallback only serves very small or very elongated images; `fallback` records it."""
+    its own aspect is inside; top and left by floor division). With the default area range, an
+    image of aspect within [3/4, 4/3] and 34 pixels or more never fails a try (w, h >= 1 and the
+    box always fits), so the fallback only serves tiny or very elongated images; `fallback`
+    records it."""
     total = height * width
     log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
     for _ in range(CROP_ATTEMPTS):
