@@ -15,22 +15,27 @@ from pathlib import Path
 import ray
 
 from pipeline.faults import injected_fault
+from schemas.shard import IMAGE_NEGATIVES
 
 
 @ray.remote
 class UnitWorker:
     def __init__(self, cfg: dict, device: str, threads: int, image_ops: str = "pil"):
+        from pipeline.config import GenerateConfig
+
+        c = GenerateConfig(**cfg)
+        self.messages: list[str] = []
+        if c.method in IMAGE_NEGATIVES:
+            self.decider = _negative_decider(c)
+            return
         import torch
 
-        from pipeline.config import GenerateConfig
-        from stages.model.factory import load_encoder
         from stages.mixing.decide import UnitDecider
+        from stages.model.factory import load_encoder
 
         torch.set_num_threads(threads)
-        c = GenerateConfig(**cfg)
         # Each actor resolves the weights itself: a tag downloads into its own node's cache.
         # Warnings of the load (random weights, open_clip's own) go to the driver (load_messages).
-        self.messages: list[str] = []
         with collect_messages(self.messages):
             encoder = load_encoder(c.model, c.pretrained, merge=c.effective_merge, attn_layer=c.attn_layer,
                                    prop_attn=c.prop_attn, schedule=c.merge_schedule, device=device,
@@ -52,6 +57,20 @@ class UnitWorker:
 
     def load_messages(self) -> list[str]:
         return self.messages
+
+
+def _negative_decider(c):
+    """An image-side negative's decider: no tower is built, only its settings read (the image size,
+    and the mean, std and pad colour that normalized noise, rotate and blank use)."""
+    from stages.mixing.decide import NegativeDecider
+    from stages.model.tower import resolve_tower
+
+    tower = resolve_tower(c.model, c.pretrained, quick_gelu=c.quick_gelu, mean=c.mean, std=c.std)
+    describe = {"model": c.model, "pretrained": None if c.pretrained in ("", "none") else c.pretrained, "seed": c.seed,
+                "method": c.method, "lam_mode": c.lam_mode, "image_size": list(tower.image_size),
+                "grid": list(tower.image_size), **tower.describe()}  # the mask's grid is the pixels
+    settings = c.negative_settings(mean=tower.mean, std=tower.std, fill=tower.pad_rgb)
+    return NegativeDecider(method=c.method, settings=settings, lam_mode=c.lam_mode, seed=c.seed, describe=describe)
 
 
 @contextlib.contextmanager

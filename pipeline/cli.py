@@ -65,11 +65,14 @@ STORAGE_HELP = "JSON object of fsspec options for URLs (endpoint, credentials); 
 def _default(name: str, config=None) -> str:
     """A config default as --help shows it: the defaults live in the dataclass only
     (GenerateConfig unless `config` is given)."""
-    from dataclasses import fields
+    from dataclasses import MISSING, fields
 
     from pipeline.config import GenerateConfig
 
-    value = next(f.default for f in fields(config or GenerateConfig) if f.name == name)
+    f = next(f for f in fields(config or GenerateConfig) if f.name == name)
+    value = f.default_factory() if f.default is MISSING else f.default
+    if isinstance(value, list):
+        return ",".join(f"{v:g}" for v in value)
     return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
 
 
@@ -108,6 +111,14 @@ def generate(
     prop_attn: bool = _opt("prop_attn", "proportional attention on merged tokens", "--prop-attn/--no-prop-attn"),
     merge_schedule: str = _opt("merge_schedule", _choices(SCHEDULES)),
     method: str = _opt("method", _choices(METHODS)),
+    crop_area: str = _opt("crop_area", "crop: range A,B of the box's share of the image (mDPO)", "--crop-area"),
+    noise_step: int = _opt("noise_step", "noise: diffusion step t in 0..999 (POVID, SeVa, CHiP 500; BPO 900)", "--noise-step"),
+    noise_space: str = _opt("noise_space", "noise: pixel (RGB in [0, 1], POVID) | normalized (the tower's, SeVa/BPO/CHiP)",
+                            "--noise-space"),
+    pixelate: int = _opt("pixelate", "pixelate: block side k (Image-DPO: 16 or 32)", "--pixelate"),
+    blur_radius: str = _opt("blur_radius", "image-blur: Gaussian sigma in pixels, or A,B for U{A..B} per sample",
+                            "--blur-radius"),
+    rotate_degrees: str = _opt("rotate_degrees", "rotate: range A,B of the angle in degrees (CHiP)", "--rotate-degrees"),
     lam: str = _opt("lam", "beta:ALPHA | uniform:A,B | fixed:V"),
     lam_mode: str = _opt("lam_mode", _choices(LAM_MODES)),
     resize: str = _opt("resize", _choices(RESIZE_MODES)),

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from schemas.shard import IMAGE_FORMATS
 from stages.errors import UserError
-from stages.mixing.methods import LAM_MODES, METHODS
+from stages.mixing.methods import IMAGE_NEGATIVES, LAM_MODES, METHODS, NEGATIVE_KNOBS
 from stages.mixing.ratios import parse_lam_spec
 from stages.imaging.decode import IMAGE_OPS, RESIZE_MODES
 from stages.tome.schedule import SCHEDULES
@@ -66,6 +66,13 @@ class GenerateConfig:
     image_ops: str = "auto"
     device_encode: bool = False  # torch image ops: the actor JPEG-encodes winners and losers (nvJPEG on CUDA)
     compile: bool = False  # torch.compile the encoder's blocks
+    # The image-side negatives' knobs (METHOD.md 4b; stages.mixing.negatives.NegativeSettings checks them).
+    crop_area: list[float] = field(default_factory=lambda: [0.01, 0.20])  # crop: range of the box's area share
+    noise_step: int = 500  # noise: diffusion step t in 0..999
+    noise_space: str = "pixel"  # noise: pixel (RGB in [0, 1], POVID) | normalized (the tower's, SeVa/BPO/CHiP)
+    pixelate: int = 16  # pixelate: block side k
+    blur_radius: list[int] | float = 20.0  # image-blur: Gaussian sigma in pixels, or A,B for U{A..B} per sample
+    rotate_degrees: list[float] = field(default_factory=lambda: [10.0, 80.0])  # rotate: range of the angle
     address: str | None = None
     unit_timeout: float = 3600.0  # seconds a unit's current stage may go without progress
     storage_options: dict | None = None  # fsspec options for URL inputs/outputs (endpoint, keys, ...)
@@ -127,6 +134,41 @@ class GenerateConfig:
             raise UserError("--device-encode needs the torch image path: --image-ops torch (or auto on a GPU)")
         if self.image_root is not None and "://" not in self.image_root and not Path(self.image_root).is_dir():
             raise UserError(f"--image-root {self.image_root} is not a directory")
+        self._check_negatives()
+
+    def _check_negatives(self) -> None:
+        """The image-side negatives' knobs (parsed from "A,B" text where the flags give text), and
+        what these methods cannot do: they run no tower, so no torch image path and no paper lam_hat."""
+        self.crop_area = _numbers(self.crop_area, "--crop-area", 2)
+        self.rotate_degrees = _numbers(self.rotate_degrees, "--rotate-degrees", 2)
+        radius = _numbers(self.blur_radius, "--blur-radius", (1, 2))
+        self.blur_radius = radius[0] if len(radius) == 1 else [int(v) if float(v).is_integer() else v for v in radius]
+        self.negative_settings()  # the ranges
+        if self.method not in IMAGE_NEGATIVES:
+            return
+        if self.lam_mode == "paper":
+            raise UserError(f"--lam-mode paper needs the merged tower's token count; {self.method} runs no tower: "
+                            "use --lam-mode area (lam_hat = lam) or fixed")
+        if self.image_ops == "torch" or self.device_encode:
+            raise UserError(f"{self.method} runs no tower, so no encoder actor decodes images: drop --image-ops torch "
+                            "and --device-encode")
+
+    def negative_settings(self, mean=None, std=None, fill=None):
+        """stages.mixing.negatives.NegativeSettings of this run (the tower's mean, std and pad colour
+        where given); a knob out of range is one line naming its flag."""
+        from stages.mixing.negatives import NegativeArgumentError, NegativeSettings
+
+        radius = tuple(self.blur_radius) if isinstance(self.blur_radius, list) else self.blur_radius
+        extra = {k: v for k, v in (("mean", mean), ("std", std), ("fill", fill)) if v is not None}
+        try:
+            return NegativeSettings(crop_area=tuple(self.crop_area), noise_step=self.noise_step,
+                                    noise_space=self.noise_space, pixelate=self.pixelate, blur_radius=radius,
+                                    rotate_degrees=tuple(self.rotate_degrees), **extra)
+        except NegativeArgumentError as exc:
+            text = str(exc)
+            for name in NEGATIVE_KNOBS:
+                text = text.replace(name, "--" + name.replace("_", "-"))
+            raise UserError(text) from None
 
     @property
     def effective_merge(self) -> int:
@@ -143,13 +185,24 @@ class GenerateConfig:
 
     def output_keys(self) -> dict:
         d = {k: v for k, v in self.to_dict().items() if k not in RUN_ONLY_KEYS}
-        d["merge"] = self.effective_merge
-        d["input"] = str(Path(self.input).resolve()) if "://" not in self.input else self.input
-        if self.image_root and "://" not in self.image_root:
-            d["image_root"] = str(Path(self.image_root).resolve())
+        # Knobs that shape no byte of this method's output are left out (so outputs of the other methods
+        # keep the fingerprints they had before these knobs existed); negatives use no tower settings.
+        for knob, methods in NEGATIVE_KNOBS.items():
+            if self.method not in methods:
+                del d[knob]
+        if self.method in IMAGE_NEGATIVES:
+            for key in ("merge", "attn_layer", "prop_attn", "merge_schedule", "lam", "precision"):
+                del d[key]
+        else:
+            d["merge"] = self.effective_merge
+        d["input"], d["image_root"] = self._resolved("input"), self._resolved("image_root")
         if self.image_format != "jpg":
             d.pop("jpeg_quality")
         return d
+
+    def _resolved(self, key: str):
+        value = getattr(self, key)
+        return str(Path(value).resolve()) if value and "://" not in value else value
 
     def fingerprint(self, input_digest: str = "", tower: dict | None = None, image_ops: str | None = None) -> str:
         """Hash of everything that shapes the output: these keys, the input's records, the
@@ -191,3 +244,16 @@ def parse_storage_options(text: str) -> dict:
     if not isinstance(value, dict):
         raise UserError("--storage-options must be a JSON object")
     return value
+
+
+def _numbers(value, flag: str, count) -> list[float]:
+    """Numbers from "A,B" text (a flag) or a list (YAML); `count`: how many, or a tuple of the allowed counts."""
+    parts = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    counts = count if isinstance(count, tuple) else (count,)
+    try:
+        numbers = [float(v) for v in parts]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) not in counts:
+        raise UserError(f"{flag} needs {' or '.join(map(str, counts))} comma-separated numbers, got {value!r}")
+    return numbers

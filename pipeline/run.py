@@ -23,7 +23,7 @@ from pipeline.config import GenerateConfig
 from pipeline.distribute import Distributor, connect, resolve_image_ops, size_from_cluster, units_in_flight
 from stages.units import Unit
 from schemas.layout import INDEX_FILE, SHARDS_DIR
-from schemas.shard import SCHEMA_VERSION
+from schemas.shard import IMAGE_NEGATIVES, SCHEMA_VERSION
 from stages.errors import UserError, one_line
 from stages.output.lease import Lease
 from stages.inputs.kinds import default_image_root, detect_kind, list_input
@@ -31,6 +31,7 @@ from stages.readers.output_state import committed_units, read_run_file
 from stages.output.cleanup import remove_leftovers, remove_output
 from stages.tome.schedule import merge_schedule
 from stages.storage import input_fs, is_url, open_store
+from stages.mixing.negatives import WANTS_LOSSLESS
 from stages.model.weights import resolve_pretrained
 from stages.model.tower import resolve_tower
 from stages.output.runfiles import package_versions, write_run_files
@@ -103,9 +104,16 @@ def generate(cfg: GenerateConfig) -> RunResult:
     # The tower and its settings, from configs: an unusable tower or contradicting flags fail here,
     # in one line, before any worker starts; so do weights that cannot be fetched.
     tower = resolve_tower(cfg.model, cfg.pretrained, quick_gelu=cfg.quick_gelu, mean=cfg.mean, std=cfg.std)
-    resolve_pretrained(cfg.model, tower.weights, opts, download=False)
-    check_merging(cfg, tower)
-    print(tower.summary(), file=sys.stderr)
+    towerless = cfg.method in IMAGE_NEGATIVES
+    if towerless:  # no forward: the tower's settings only (image size, mean, std, pad colour)
+        print(f"{cfg.method} runs no tower (no weights, no GPU); {tower.summary()}", file=sys.stderr)
+        if cfg.method in WANTS_LOSSLESS and cfg.image_format == "jpg":
+            print(f"notice: JPEG smooths away much of {cfg.method}'s per-pixel noise; "
+                  "--image-format png or webp keeps the loser as made", file=sys.stderr)
+    else:
+        resolve_pretrained(cfg.model, tower.weights, opts, download=False)
+        check_merging(cfg, tower)
+        print(tower.summary(), file=sys.stderr)
     _check_writable(store)
     with Lease(store, "generate") as lease:
         # The records (ids, image references, text) are part of the fingerprint: resuming after
@@ -113,7 +121,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
         listing = list_input(cfg.input, cfg.samples_per_shard, folder_labels=cfg.folder_labels, storage_options=opts)
         if not listing.count:
             raise UserError(f"{cfg.input} holds no samples")
-        image_ops = resolve_image_ops(cfg.image_ops, cfg.device, cfg.address, cfg.device_encode)
+        image_ops = "pil" if towerless else resolve_image_ops(cfg.image_ops, cfg.device, cfg.address, cfg.device_encode)
         fingerprint = cfg.fingerprint(listing.digest, tower.describe(), image_ops)
         planned = range(len(listing.slices))
         check_output(store, cfg, fingerprint, planned)
@@ -161,7 +169,8 @@ def _distribute(cfg: GenerateConfig, units: list[Unit], tower, image_root, finge
         return Outcome(), None
     connect(cfg.address)
     resources = ray.cluster_resources()
-    sizing = size_from_cluster(resources, cfg.workers, cfg.device)
+    # The image-side negatives' actors hold no tower: they run on CPUs, whatever the cluster has.
+    sizing = size_from_cluster(resources, cfg.workers, "cpu" if cfg.method in IMAGE_NEGATIVES else cfg.device)
     # Actors restart without limit: preemptible nodes take them down again and again over a long
     # run. A unit that kills its actor every time still ends, after max_task_retries x UNIT_RETRIES.
     def make_actor():

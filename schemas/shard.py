@@ -7,7 +7,8 @@ Output layout (per output directory OUT):
                                    K.winner.<ext>  clean image, the exact pixels the encoder saw
                                    K.loser.<ext>   mixed image, same geometry
                                    K.mask.png      patch-grid mask (gh x gw, L mode), 255 = from the winner
-                                                   (mixup: the winner's blend weight, see below)
+                                                   (mixup: the winner's blend weight; image-side negatives:
+                                                   a pixel mask at image_size; see below)
                                    K.json          the sample record: the Parquet row as JSON
     OUT/shards/NNNNNN.parquet      one row per INPUT of the unit (ok, failed, skipped), in input order
     OUT/shards/NNNNNN_stats.json   counts, sizes, hashes, timings, fingerprint; written last (commit marker)
@@ -18,8 +19,13 @@ The mask. Every method but mixup selects: each patch of the loser comes whole fr
 winner (255) or from the partner or blurred winner (0), and kept_patches counts the 255s.
 mixup blends every pixel, loser = round(lam * winner + (1 - lam) * partner): no patch comes
 whole from either image, so its mask holds the winner's weight round(255 * lam) on every
-patch and kept_patches is null (lam_hat in area mode is lam). `mask_problem` states the rule;
-the writer and `validate` both apply it.
+patch and kept_patches is null (lam_hat in area mode is lam). The image-side negatives
+(IMAGE_NEGATIVES, METHOD.md 4b) store a pixel mask at image_size and kept_patches null: crop
+marks its box on the winner (the part of the winner the loser shows, zoomed), rotate the loser's
+pixels that come from the winner, blank and other none (all 0); noise, pixelate and image-blur,
+whose every loser pixel carries part of the winner, follow mixup's rule (round(255 * lam)
+everywhere). For crop and rotate lam is exactly the mask's share of 255s. `mask_problem` states
+the rule; the writer and `validate` both apply it.
 
 <ext> is jpg, png or webp (lossless). Keys are `NNNNNN_IIIIII` (unit, position in unit):
 zero-padded, no dots, unique in the output; the input's own id is kept in `source_id`.
@@ -39,7 +45,7 @@ Fields (Parquet column == JSON record key; "(h, w)" pairs are 2-element lists):
 | margin             | float64         | preference margin gamma = 1 - lam_hat |
 | method             | string          | mixing method (mergemix, mergemix-official, mergemix-r, topk, random, mixup, ...) |
 | lam_mode           | string          | how lam_hat was derived: area, paper, fixed |
-| kept_patches       | int32           | patches of the grid taken from the winner (255 in the mask); null for mixup |
+| kept_patches       | int32           | patches of the grid taken from the winner (255 in the mask); null for mixup and the image-side negatives |
 | grid               | list<int32>[2]  | patch grid (h, w) of the mask |
 | image_size         | list<int32>[2]  | stored image size (h, w), winner and loser alike |
 | orig_size          | list<int32>[2]  | input image size (h, w) before resizing, after EXIF orientation |
@@ -61,6 +67,7 @@ Fields (Parquet column == JSON record key; "(h, w)" pairs are 2-element lists):
 | label              | string          | class label, for classification inputs |
 | partner_label      | string          | class label of the partner |
 | saliency           | list<float32>   | recovered saliency on the patch grid, row-major (gh*gw), when stored |
+| method_params      | string          | image-side negatives: JSON object of the sample's drawn parameters (crop box, noise t / space / seed, pixelate k, blur radius, rotate angle, fill); `stages.mixing.negatives.make` rebuilds the loser from the winner with it (1.2) |
 | input_index        | int64           | position of the input in the whole input stream |
 | unit               | int32           | work unit = shard id |
 | index              | int32           | position of the input inside its unit |
@@ -73,8 +80,8 @@ Fields (Parquet column == JSON record key; "(h, w)" pairs are 2-element lists):
 | schema_version     | string          | this contract's version; also in the Parquet file metadata |
 
 Every field is present in every row and record; only key, status, unit, index and
-schema_version are never null. Fields marked (1.1) were added in schema 1.1: Parquet files of
-1.0 lack their columns, and readers accept that (a minor version only adds nullable fields). `json_schema()` derives the record's JSON Schema from
+schema_version are never null. Fields marked (1.1) or (1.2) were added in that schema version:
+Parquet files of older minors lack their columns, and readers accept that (a minor version only adds nullable fields). `json_schema()` derives the record's JSON Schema from
 ARROW_SCHEMA; schemas/sample.schema.json is its saved copy for non-Python readers (a test
 keeps it current). Nothing is pickled: Parquet, PNG/JPEG/WebP and JSON only.
 """
@@ -88,7 +95,7 @@ import pyarrow as pa
 
 from schemas.layout import shard_name  # noqa: F401  (part of the contract's API)
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 # Readers accept any version with the same major number (minor bumps only add nullable fields).
 SCHEMA_MAJOR = SCHEMA_VERSION.split(".")[0]
 PARQUET_VERSION_KEY = b"mergemix.schema_version"
@@ -99,6 +106,10 @@ KEY_RE = re.compile(r"^[0-9]{6}_[0-9]{6}$")
 
 # Methods whose loser blends every pixel: the mask holds the winner's weight, not a selection.
 BLEND_METHODS = frozenset({"mixup"})
+# The image-side negatives of other published methods (METHOD.md 4b): no encoder, a pixel mask.
+IMAGE_NEGATIVES = ("crop", "noise", "pixelate", "image-blur", "rotate", "blank", "other")
+# Of those, the ones whose every loser pixel carries part of the winner: a uniform mask level, as mixup.
+LEVEL_NEGATIVES = frozenset({"noise", "pixelate", "image-blur"})
 
 _PAIR = pa.list_(pa.int32(), 2)
 _RGB = pa.list_(pa.float64(), 3)
@@ -144,6 +155,8 @@ ARROW_SCHEMA: pa.Schema = pa.schema(
         _f("label", pa.string(), "class label (classification inputs)"),
         _f("partner_label", pa.string(), "class label of the partner"),
         _f("saliency", pa.list_(pa.float32()), "recovered saliency on the patch grid, row-major, gh*gw values"),
+        _f("method_params", pa.string(), "image-side negatives: JSON of the sample's drawn parameters, enough to rebuild "
+           "the loser from the winner", since="1.2"),
         _f("input_index", pa.int64(), "position of the input in the whole input stream"),
         _f("unit", pa.int32(), "work unit = shard id", False),
         _f("index", pa.int32(), "position of the input inside its unit", False),
@@ -275,19 +288,32 @@ def check_arrow_schema(schema: pa.Schema, where: str) -> None:
         raise ValueError(f"{where} has wrong column types for {wrong}: damaged or not a mergemix shard")
 
 
-def mask_problem(method: str | None, lam: float | None, kept_patches: int | None, mask: np.ndarray) -> str | None:
-    """What is wrong with a stored grid mask (uint8, gh x gw) for its row, or None.
-    Selections: 0 or 255 only, and kept_patches (when given) counts the 255s. Blends (mixup):
-    round(255 * lam) on every patch, and kept_patches null."""
-    if method in BLEND_METHODS:
+def mask_problem(method: str | None, lam: float | None, kept_patches: int | None, mask: np.ndarray,
+                 image_size: tuple[int, int] | None = None) -> str | None:
+    """What is wrong with a stored mask (uint8) for its row, or None. Patch methods: a gh x gw grid;
+    selections hold 0 or 255 only, and kept_patches (when given) counts the 255s; blends (mixup):
+    round(255 * lam) on every patch, and kept_patches null. Image-side negatives: a pixel mask at
+    `image_size` (when given), kept_patches null; level negatives as mixup; crop and rotate 0 or
+    255 with lam their share of 255s; blank and other all 0."""
+    if method in IMAGE_NEGATIVES:
+        if image_size is not None and tuple(mask.shape) != tuple(image_size):
+            return f"{method} mask is {mask.shape[0]}x{mask.shape[1]}, the image {image_size[0]}x{image_size[1]}"
+        if kept_patches is not None:
+            return f"{method} selects no patch, kept_patches must be null, got {kept_patches}"
+    if method in BLEND_METHODS or method in LEVEL_NEGATIVES:
         level = None if lam is None else round(255 * lam)  # half to even, as the mixing rounds
         if level is None or not (mask == level).all():
-            return f"{method} mask must hold round(255 * lam) = {level} on every patch"
+            return f"{method} mask must hold round(255 * lam) = {level} everywhere"
         if kept_patches is not None:
             return f"{method} blends every patch, kept_patches must be null, got {kept_patches}"
         return None
     if not np.isin(mask, (0, 255)).all():
         return "mask values must be 0 or 255"
+    if method in IMAGE_NEGATIVES:
+        share = float(np.count_nonzero(mask)) / mask.size
+        if lam is None or share != lam:
+            return f"{method} mask shows {share!r} of the winner, lam is {lam!r}"
+        return None
     if kept_patches is not None and int((mask == 255).sum()) != kept_patches:
         return f"mask keeps {int((mask == 255).sum())} patches, parquet kept_patches is {kept_patches}"
     return None

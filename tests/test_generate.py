@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import GenerateConfig
+from schemas.shard import IMAGE_NEGATIVES
 from pipeline.run import generate
 from stages.errors import UserError
 from stages.mixing.methods import METHODS
@@ -353,7 +354,7 @@ def test_every_method_is_written_and_validates(tiny_model_config, demo, tmp_path
     assert validate_output(out) == []
     rows = [r for r in read_rows(out).to_pylist() if r["status"] == "ok"]
     assert {r["method"] for r in rows} == {method}
-    if method == "mixup":  # a blend: the mask is the winner's weight, no patch is kept whole
+    if method == "mixup" or method in IMAGE_NEGATIVES:  # no patch is kept whole: lam_hat is lam
         assert all(r["kept_patches"] is None and r["lam_hat"] == r["lam"] for r in rows)
     else:
         assert all(r["lam_hat"] == r["kept_patches"] / 64 for r in rows)

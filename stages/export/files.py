@@ -20,8 +20,12 @@ def save_images(dest: Path, pair: Pair) -> tuple[str, str]:
 
 
 def ratios(pair: Pair) -> dict:
-    """The numbers every export carries: margin (gamma = 1 - lam_hat), lam_hat, lam."""
-    return {name: pair.record.get(name) for name in ("margin", "lam_hat", "lam")}
+    """The numbers every export carries: margin (gamma = 1 - lam_hat), lam_hat, lam; and for the
+    image-side negatives the method and its drawn parameters (JSON), which rebuild the loser."""
+    numbers = {name: pair.record.get(name) for name in ("margin", "lam_hat", "lam")}
+    if pair.record.get("method_params") is not None:
+        numbers |= {"method": pair.record["method"], "method_params": pair.record["method_params"]}
+    return numbers
 
 
 class MarginStats:

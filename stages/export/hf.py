@@ -7,7 +7,8 @@ Columns, one row per pair:
   content: `prompt` is every turn before the last answer, the image as a `{"type": "image"}`
   part opening its turn; `chosen` and `rejected` are the same last answer (MergeMix pairs
   differ in the image only);
-- `margin` (= 1 - lam_hat), `lam_hat`, `lam`, `mask` (the patch mask PNG) and `key`.
+- `margin` (= 1 - lam_hat), `lam_hat`, `lam`, `mask` (the patch mask PNG) and `key`; for the image-side
+  negatives `method_params`, the JSON of the drawn parameters (null for the other methods).
 
 Stock TRL trainers repeat `images` for both sides (see README): the loser needs a collator
 that reads `rejected_images`, such as the one of `stages.training.hf_trainer`.
@@ -41,6 +42,7 @@ def features():
         "margin": datasets.Value("float64"),
         "lam_hat": datasets.Value("float64"),
         "lam": datasets.Value("float64"),
+        "method_params": datasets.Value("string"),
         "mask": datasets.Image(),
     })
 
@@ -70,7 +72,7 @@ def hf_row(pair) -> dict:
         "prompt": prompt,
         "chosen": answer,
         "rejected": answer,
-        **{name: pair.record.get(name) for name in ("margin", "lam_hat", "lam")},
+        **{name: pair.record.get(name) for name in ("margin", "lam_hat", "lam", "method_params")},
         "mask": image("mask", pair.mask),
     }
 
@@ -146,6 +148,7 @@ ds = datasets.load_dataset("parquet", data_files="this/folder/{DATA_DIR}/*.parqu
 | `prompt` | TRL conversational messages before the answer; `{{"type": "image"}}` opens the image's turn |
 | `chosen`, `rejected` | the answer, the same on both sides (the pair differs in the image only) |
 | `margin`, `lam_hat`, `lam` | per-pair SimPO margin (= 1 - lam_hat) and mixing ratios |
+| `method_params` | image-side negatives: the drawn parameters (JSON) that rebuild the loser; null otherwise |
 | `mask` | the patch mask (255 = patch from the winner) |
 | `key` | the pair's key in the shards |
 

@@ -171,3 +171,42 @@ class UnitDecider:
         timings = dict(unit.timings, device_encode_s=round(time.perf_counter() - t, 6),
                        pairs_s=time.perf_counter() - start)
         return UnitDecisions(unit.unit_id, unit.rows, masks, partner, None, timings, encoded=encoded, images=images)
+
+
+class NegativeDecider:
+    """The decisions of an image-side negative (stages.mixing.negatives), for an actor that holds no
+    tower: each sample's parameters drawn from (seed, key), its loser made from its winner (`other`:
+    from its partner, a derangement inside the unit as for every method), its pixel mask and lam.
+    Torch-free and tower-free: a run of these methods loads no model and asks for no GPU."""
+
+    def __init__(self, *, method: str, settings, lam_mode: str, seed: int, describe: dict):
+        self.method, self.settings, self.lam_mode, self.seed = method, settings, lam_mode, seed
+        self.describe = describe  # model/pretrained and config fields stamped on every ok row
+
+    def decide(self, unit: PreparedUnit) -> UnitDecisions:
+        import json
+
+        from stages.mixing.negatives import draw, make, needs_partner, pixel_mask
+        from stages.mixing.ratios import derangement, sample_rng
+
+        start = time.perf_counter()
+        ok, pixels = unit.ok_rows, unit.pixels
+        if len(ok) == 1 and needs_partner(self.method):
+            ok[0].update(status="skipped", error="no_partner: only one usable image in the unit")
+            ok = []
+        n, (h, w) = len(ok), pixels.shape[1:3]
+        masks, losers = np.zeros((n, h, w), np.uint8), np.zeros((n, h, w, 3), np.uint8)
+        keys = [r["key"] for r in ok]
+        partner = derangement(keys, self.seed) if n > 1 else np.zeros(n, np.int64)
+        for i, row in enumerate(ok):
+            params = draw(self.method, sample_rng(self.seed, keys[i], self.method), h, w, self.settings)
+            j = int(partner[i])
+            negative = make(self.method, pixels[i], pixels[j], params)
+            losers[i], masks[i] = negative.loser, pixel_mask(negative)
+            # lam is the share of the winner the loser carries; lam_hat is lam in area and fixed mode alike
+            row.update(self.describe, lam=negative.lam, lam_hat=negative.lam, margin=1.0 - negative.lam,
+                       kept_patches=None, saliency=None, method_params=json.dumps(params, sort_keys=True),
+                       **({"partner_key": keys[j], "partner_source_id": ok[j]["source_id"],
+                           "partner_label": ok[j]["label"]} if needs_partner(self.method) else {}))
+        timings = dict(unit.timings, pairs_s=time.perf_counter() - start)
+        return UnitDecisions(unit.unit_id, unit.rows, masks, partner, losers, timings)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stages.imaging.resample import resample
-from stages.mixing.methods import BLUR_SIGMA_PATCHES, METHODS, RESIZEMIX_SCOPE
+from stages.mixing.methods import BLUR_SIGMA_PATCHES, MIX_METHODS, RESIZEMIX_SCOPE
 from stages.mixing.ratios import MixArgumentError, check_keys, sample_rng
 
 
@@ -249,8 +249,9 @@ def make_losers(method: str, pixels: Tensor, partner: Tensor, lam, *, grid: tupl
     composer of those is stages.imaging.compose.compose_loser (numpy), run by whoever holds the pixels
     (`generate`'s write task), so MixResult.loser is None for them.
     """
-    if method not in METHODS:
-        raise MixArgumentError(f"unknown mixing method {method!r}: use one of {', '.join(METHODS)}")
+    if method not in MIX_METHODS:
+        raise MixArgumentError(f"unknown mixing method {method!r}: use one of {', '.join(MIX_METHODS)} "
+                               "(the image-side negatives are stages.mixing.negatives')")
     _check_pixels(pixels, "pixels")
     b, h, w, c = pixels.shape
     gh, gw = _pair(grid, "grid")

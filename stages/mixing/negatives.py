@@ -51,10 +51,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
+from schemas.shard import IMAGE_NEGATIVES
 from stages.mixing.ratios import MixArgumentError
 from stages.model.constants import OPENAI_MEAN, OPENAI_STD
 
-NEGATIVE_METHODS = ("crop", "noise", "pixelate", "image-blur", "rotate", "blank", "other")
+NEGATIVE_METHODS = IMAGE_NEGATIVES  # the contract names them (schemas.shard)
 NEEDS_PARTNER = frozenset({"other"})  # the only loser made from another sample's image
 # JPEG's quantisation removes much of the per-pixel noise: store noise losers losslessly.
 WANTS_LOSSLESS = frozenset({"noise"})
@@ -329,6 +330,43 @@ def make(method: str, winner: np.ndarray, partner: np.ndarray | None, params: Ma
     if partner.shape != winner.shape:
         raise NegativeArgumentError(f"partner {partner.shape} and winner {winner.shape} differ in shape")
     return Negative(partner.copy(), 0.0, np.zeros((h, w), np.uint8))
+
+
+def record_problem(method: str, params, lam: float | None, height: int, width: int) -> str | None:
+    """What is wrong with a recorded sample of `method` (its row's parameters and lam, for an image
+    of height x width), or None: each parameter in its range, and lam the value the parameters
+    give (rotate's lam is its mask's share, checked against the mask: schemas.shard.mask_problem)."""
+    if not isinstance(params, Mapping):
+        return f"{method} row has no parameters (method_params)"
+    p = _Params(method, params)
+    try:
+        if method == "crop":
+            top, left, bh, bw = p.int("top", low=0), p.int("left", low=0), p.int("height", low=1), p.int("width", low=1)
+            if top + bh > height or left + bw > width:
+                return f"crop box {bh}x{bw} at ({top}, {left}) leaves the {height}x{width} image"
+            expected = bh * bw / (height * width)
+        elif method == "noise":
+            if p.get("space") not in NOISE_SPACES:
+                return f"noise space {p.get('space')!r} is not one of {', '.join(NOISE_SPACES)}"
+            p.int("seed", low=0)
+            expected = noise_abar(p.int("t"))
+        elif method == "pixelate":
+            expected = 1.0 / p.int("k", low=2) ** 2
+        elif method == "image-blur":
+            expected = blur_lam(p.number("radius", positive=True))
+        elif method == "rotate":
+            p.number("angle")
+            p.fill()
+            return None
+        else:  # blank, other
+            if method == "blank":
+                p.fill()
+            expected = 0.0
+    except NegativeArgumentError as exc:
+        return str(exc)
+    if lam != expected:
+        return f"{method} lam is {lam!r}, its parameters give {expected!r}"
+    return None
 
 
 def pixel_mask(negative: Negative) -> np.ndarray:

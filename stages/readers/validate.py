@@ -10,7 +10,9 @@ from collections import Counter
 from PIL import Image
 
 from schemas.layout import CARD_FILE, INDEX_FILE, RUN_FILE, SHARDS_DIR, STATS_SUFFIX, parse_tmp_file, parse_unit_file
-from schemas.shard import FIELDS, PARTS, SCHEMA_VERSION, mask_problem, part_ext, sample_key, shard_name, validate_row
+from schemas.shard import (
+    FIELDS, IMAGE_NEGATIVES, PARTS, SCHEMA_VERSION, mask_problem, part_ext, sample_key, shard_name, validate_row,
+)
 from stages.errors import UserError
 from stages.readers.output_state import card_tars
 from stages.readers.output_state import card_owner, read_stats
@@ -84,12 +86,28 @@ def _check_members(tar: str, key: str, row: dict, parts: dict[str, bytes]) -> li
             mask = decode_image(parts[mask_ext], "L")
             if list(mask.shape) != list(row["grid"] or []):
                 problems.append(f"{tar}: {key}.mask.png is {mask.shape}, parquet grid is {row['grid']}")
-            problem = mask_problem(row["method"], row["lam"], row["kept_patches"], mask)
+            problem = mask_problem(row["method"], row["lam"], row["kept_patches"], mask, row["image_size"])
             if problem:
                 problems.append(f"{tar}: {key}.mask.png: {problem}")
+        if row["method"] in IMAGE_NEGATIVES:
+            problem = _negative_problem(row)
+            if problem:
+                problems.append(f"{tar}: {key}: {problem}")
     except (OSError, ValueError) as exc:
         problems.append(f"{tar}: sample {key} has an image that does not decode ({exc})")
     return problems
+
+
+def _negative_problem(row: dict) -> str | None:
+    """An image-side negative's parameters against their ranges, and its lam against them."""
+    from stages.mixing.negatives import record_problem
+
+    try:
+        params = json.loads(row["method_params"]) if row.get("method_params") else None
+    except ValueError:
+        return "method_params is not JSON"
+    height, width = row["image_size"] or (0, 0)
+    return record_problem(row["method"], params, row["lam"], height, width)
 
 
 def _check_unit(store, unit: int, stats: dict, seen: dict[str, int]) -> list[str]:

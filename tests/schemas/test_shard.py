@@ -28,7 +28,8 @@ from tests.shard_fixtures import unit_rows
 REQUESTED = """key source_id status error partner_key partner_source_id lam lam_hat margin method lam_mode
 kept_patches grid image_size model pretrained merge_total merge_schedule attn_layer prop_attn seed prompt answer
 conversations label partner_label unit index winner_sha256 loser_sha256 mask_sha256 image_format schema_version
-orig_size resize_mode saliency input_index jpeg_quality fingerprint activation norm_mean norm_std interpolation""".split()
+orig_size resize_mode saliency input_index jpeg_quality fingerprint activation norm_mean norm_std interpolation
+method_params""".split()
 
 
 def test_fields_come_from_the_arrow_schema_and_cover_the_contract():

@@ -223,7 +223,7 @@ def test_mix_pixels_is_exact():
 MASKED = ("mergemix", "mergemix-official", "mergemix-r", "topk", "random", "cutmix")
 
 
-@pytest.mark.parametrize("method", methods.METHODS)
+@pytest.mark.parametrize("method", methods.MIX_METHODS)
 def test_every_method_output_shape_dtype_and_range(method):
     d = batch(8)
     r = run(method, d)
@@ -395,7 +395,7 @@ def test_blur_strength_removes_patch_detail_and_keeps_coarse_structure():
     assert 0.6 < contrast_after_blur(4 * p) < 0.85
 
 
-@pytest.mark.parametrize("method", methods.METHODS)
+@pytest.mark.parametrize("method", methods.MIX_METHODS)
 def test_results_do_not_depend_on_batch_split(method):
     """Masks, losers and ratios for a sample are the same whatever batch it is processed in."""
     n = 10
@@ -493,10 +493,11 @@ def test_works_on_cuda_like_cpu():
         pytest.skip("no CUDA device")
     d = batch(8)
     dc = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in d.items()}
-    for method in methods.METHODS:
+    for method in methods.MIX_METHODS:
         a, b = run(method, d), run(method, dc)
         assert torch.equal(a.mask, b.mask.cpu()) and torch.equal(a.kept, b.kept.cpu())
-        if method not in ("resizemix", "blur"):  # resampling kernels may round differently on GPU
+        if method != "blur":  # resizemix's resize is exact (integer sums); blur's float64 convolution may round
+            # a value at .5 the other way (about 1e-13 of them)
             assert torch.equal(losers(a, d), losers(b, dc).cpu())
 
 
