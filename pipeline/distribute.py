@@ -173,6 +173,11 @@ class Distributor:
         self.attempts: dict[int, int] = {}
         self.in_flight: dict = {}  # ref of an attempt's current stage -> attempt
         self.abandoned: list = []
+        # An actor's load (imports, weights, a download) is not a unit's fault: the encode clock of
+        # the unit at its head starts when the actor is ready. Its load runs on the clock from its birth.
+        self.born = [time.monotonic()] * len(actors)
+        self.ready_refs = [actor.load_messages.remote() for actor in actors]
+        self.ready_at: list[float | None] = [None] * len(actors)
 
     def run(self, units) -> Outcome:
         todo, outcome = deque(units), Outcome()
@@ -198,7 +203,7 @@ class Distributor:
             for attempt in list(self.in_flight.values()):
                 self._cancel(attempt)
             raise
-        _settle(self.abandoned)
+        _settle(self.abandoned + [r for r, at in zip(self.ready_refs, self.ready_at) if at is not None])
         return outcome
 
     def _start(self, unit) -> None:
@@ -233,14 +238,28 @@ class Distributor:
     def _check_clocks(self, todo: deque, outcome: Outcome) -> None:
         now = time.monotonic()
         for ref, attempt in list(self.in_flight.items()):
-            if ref not in self.in_flight or attempt.since is None or now - attempt.since <= self.timeout:
+            if ref not in self.in_flight or attempt.since is None:
                 continue
-            stage = attempt.stage
+            stage, words = attempt.stage, _STAGE_WORDS[attempt.stage]
+            since = attempt.since
+            if stage == "encode":
+                ready_at = self._ready_at(attempt.actor)
+                since, words = ((max(since, ready_at), words) if ready_at is not None
+                                else (self.born[attempt.actor], "the encoder actor loaded"))
+            if now - since <= self.timeout:
+                continue
             self._drop(attempt)
             if stage == "encode":
                 self._replace_actor(attempt.actor, todo)
-            reason = f"timeout: no progress for {self.timeout:g} s while {_STAGE_WORDS[stage]}"
+            reason = f"timeout: no progress for {self.timeout:g} s while {words}"
             self._failed_attempt(attempt.unit, reason, todo, outcome)
+
+    def _ready_at(self, a: int) -> float | None:
+        """When actor `a` finished loading (None while it loads); an actor that died loading counts
+        as ready: its calls fail at once and say why."""
+        if self.ready_at[a] is None and ray.wait([self.ready_refs[a]], timeout=0, fetch_local=False)[0]:
+            self.ready_at[a] = time.monotonic()
+        return self.ready_at[a]
 
     def _drop(self, attempt: Attempt) -> None:
         """Stop tracking an attempt and cancel what of it still runs."""
@@ -255,7 +274,9 @@ class Distributor:
         its place; the units queued behind the stuck one go back to the front of the queue
         without counting an attempt: they were never at fault."""
         ray.kill(self.actors[a], no_restart=True)
+        self.abandoned.append(self.ready_refs[a])
         self.actors[a] = self.make_actor()
+        self.born[a], self.ready_refs[a], self.ready_at[a] = time.monotonic(), self.actors[a].load_messages.remote(), None
         for attempt in list(self.queues[a]):
             self._drop(attempt)
             todo.appendleft(attempt.unit)

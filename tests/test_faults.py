@@ -358,10 +358,10 @@ def test_a_stalled_unit_is_cancelled_retried_and_the_output_is_identical(tiny_mo
 def test_a_unit_that_stalls_every_time_is_recorded_and_the_run_ends(tiny_model_config, demo, clean_faults, tmp_path):
     (clean_faults / "hold-3").touch()
     out = tmp_path / "out"
-    result = generate(GenerateConfig.build(flags(tiny_model_config, demo, out) | {"unit_timeout": 6}))
-    assert attempts(clean_faults)[3] == 1 + UNIT_RETRIES
+    result = generate(GenerateConfig.build(flags(tiny_model_config, demo, out) | {"unit_timeout": 10}))
+    assert attempts(clean_faults)[3] == 1 + UNIT_RETRIES, result.failed_units
     assert list(result.failed_units) == [3] and result.units_written == UNITS - 1
-    assert result.failed_units[3] == "timeout: no progress for 6 s while in the encoder actor"
+    assert result.failed_units[3] == "timeout: no progress for 10 s while in the encoder actor"
     assert json.loads((out / "run.json").read_text())["failed_units"] == {"3": result.failed_units[3]}
     assert validate_output(out) == []
 
