@@ -267,3 +267,37 @@ def test_exports_carry_the_parameters(tiny_model_config, photos, tmp_path):
     export(str(out), str(tmp_path / "hf"), "hf", progress=False)
     data = pq.read_table(sorted((tmp_path / "hf" / "data").glob("*.parquet"))[0]).to_pylist()[0]
     assert json.loads(data["method_params"]) == json.loads(by_key[data["key"]]["method_params"])
+
+
+def test_inspect_plot_and_preview_show_the_negatives(tiny_model_config, photos, tmp_path):
+    """`inspect --plot` and `preview` through the CLI on a crop output: the preview's mask tile is the
+    winner untinted inside the recorded box and tinted outside it; its text gives the drawn box."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from stages.readers.preview import PAD, TILE_H
+
+    out = tmp_path / "out"
+    generate(tiny_model_config, photos, out, "--method", "crop")
+    runner = CliRunner()
+    proc = runner.invoke(app, ["inspect", str(out), "--plot", str(tmp_path / "plot.png")])
+    assert proc.exit_code == 0 and "crop" in proc.output and (tmp_path / "plot.png").stat().st_size > 10_000
+    proc = runner.invoke(app, ["preview", str(out), "--n", "2", "--output", str(tmp_path / "preview.png")])
+    assert proc.exit_code == 0, proc.output
+    sheet = np.asarray(Image.open(tmp_path / "preview.png").convert("RGB")).astype(int)
+    first = sorted(rows(out), key=lambda r: r["key"])[0]
+    box, size = json.loads(first["method_params"]), first["image_size"][0]
+    scale = TILE_H / size
+    top = 22  # the column titles
+    cy, cx = box["top"] + box["height"] // 2, box["left"] + box["width"] // 2
+    y = top + int((cy + 0.5) * scale)
+    winner = sheet[y, PAD + int((cx + 0.5) * scale)]
+    mask_x0 = PAD + 2 * (TILE_H + PAD)
+    assert (sheet[y, mask_x0 + int((cx + 0.5) * scale)] == winner).all()  # inside the box: the winner as is
+    def inside(y, x):
+        return box["top"] <= y < box["top"] + box["height"] and box["left"] <= x < box["left"] + box["width"]
+
+    corner = next(c for c in ((0, 0), (0, size - 1), (size - 1, 0), (size - 1, size - 1)) if not inside(*c))
+    yo, xo = (top + int((corner[0] + 0.5) * scale), int((corner[1] + 0.5) * scale))
+    red_winner, red_mask = sheet[yo, PAD + xo][0], sheet[yo, mask_x0 + xo][0]
+    assert red_mask == int(0.45 * red_winner + 0.55 * 230) or abs(red_mask - (0.45 * red_winner + 0.55 * 230)) <= 1

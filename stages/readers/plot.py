@@ -125,7 +125,7 @@ def _failures(ax, data: RunData) -> None:
 def _kept(ax, data: RunData) -> None:
     points = np.concatenate(data.kept) if data.kept else np.zeros((0, 2))
     if not len(points):
-        ax.text(0.5, 0.5, "no pair selects patches\n(mixup blends every pixel)", ha="center", va="center",
+        ax.text(0.5, 0.5, "no pair selects patches\n(blends and image-side negatives\nhave pixel masks, not patches)", ha="center", va="center",
                 fontsize=12, transform=ax.transAxes)
         ax.set_title("kept area against lam")
         return

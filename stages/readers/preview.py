@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from schemas.shard import IMAGE_NEGATIVES
 from stages.imaging.compose import upsample
 from stages.errors import UserError
 from stages.readers.shards import iter_tar_samples, output_store, read_sample, resolve_shards
@@ -92,12 +93,14 @@ def make_contact_sheet(out_dir, n: int, path: Path, storage_options: dict | None
     if not pairs:
         raise UserError(f"{out_dir} has no ok pairs to show")
     show_sal = any(p["rec"].get("saliency") for p in pairs)
-    titles = ["winner", "loser", "mask (red = partner)"] + (["saliency"] if show_sal else [])
+    titles = ["winner", "loser", "mask (red = not the winner's)"] + (["saliency"] if show_sal else [])
 
     rows = []
     for p in pairs:
         rec = p["rec"]
-        tiles = [p["winner"], p["loser"], mask_overlay(p["loser"], p["mask"])]
+        # crop's mask is the box on the winner (what the loser shows of it); every other mask is on the loser.
+        under = p["winner"] if rec.get("method") == "crop" else p["loser"]
+        tiles = [p["winner"], p["loser"], mask_overlay(under, p["mask"])]
         if show_sal:
             sal = rec.get("saliency")
             gh, gw = p["mask"].shape
@@ -128,7 +131,7 @@ def make_contact_sheet(out_dir, n: int, path: Path, storage_options: dict | None
             f"lam_hat  {rec.get('lam_hat', float('nan')):.3f}",
             f"margin   {rec.get('margin', float('nan')):.3f}",
             f"{rec.get('method')} / {rec.get('lam_mode')}",
-            f"partner  {rec.get('partner_key')}",
+            _partner_or_params(rec),
         ]
         if rec.get("label") is not None:
             info.append(f"label    {rec.get('label')} / {rec.get('partner_label')}")
@@ -139,3 +142,15 @@ def make_contact_sheet(out_dir, n: int, path: Path, storage_options: dict | None
         raise UserError(f"folder {path.parent} does not exist: create it or choose another -o path")
     sheet.save(path, format="PNG")
     return path
+
+
+def _partner_or_params(rec: dict) -> str:
+    """The partner's key; for an image-side negative without one, its drawn parameters (method_params)."""
+    if rec.get("method") in IMAGE_NEGATIVES and rec.get("partner_key") is None:
+        import json
+
+        params = json.loads(rec.get("method_params") or "{}")
+        text = " ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items()
+                        if v not in (None, False))  # flags that did not fire say nothing
+        return text if len(text) <= 34 else text[:33] + "…"
+    return f"partner  {rec.get('partner_key')}"

@@ -69,7 +69,7 @@ def test_panels_without_failures_kept_patches_or_saliency(tmp_path):
     fig = figure(collect(open_store(tmp_path)), "mixup")
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
     assert "every input is ok" in texts and "no saliency stored" in texts
-    assert "no pair selects patches\n(mixup blends every pixel)" in texts
+    assert "no pair selects patches\n(blends and image-side negatives\nhave pixel masks, not patches)" in texts
 
 
 def test_bad_requests(out, tmp_path):
