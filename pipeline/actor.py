@@ -73,6 +73,26 @@ def _negative_decider(c):
     return NegativeDecider(method=c.method, settings=settings, lam_mode=c.lam_mode, seed=c.seed, describe=describe)
 
 
+@ray.remote(max_retries=1)
+def check_blocks(cfg: dict, device: str, threads: int, n: int) -> dict:
+    """`--attn-layer auto`: saliency-check's block scores (stages.model.saliency_check) on the first
+    `n` images of the input, run where an encoder actor would run (its device and threads)."""
+    import torch
+
+    from pipeline.config import GenerateConfig
+    from stages.model.saliency_check import run_check
+
+    c = GenerateConfig(**cfg)
+    torch.set_num_threads(threads)
+    with collect_messages([]):  # the driver has printed the tower's line and warnings already
+        result = run_check(c.model, c.pretrained, source=c.input, image_root=c.image_root,
+                           folder_labels=c.folder_labels, resize=c.resize, storage_options=c.storage_options,
+                           quick_gelu=c.quick_gelu, mean=c.mean, std=c.std, merge=c.effective_merge,
+                           prop_attn=c.prop_attn, schedule=c.merge_schedule, n=n, seed=c.seed, device=device,
+                           echo=lambda line: None)
+    return result.to_json()
+
+
 @contextlib.contextmanager
 def collect_messages(into: list[str]):
     """Collect the warnings and WARNING+ log records raised in the block (ours, open_clip's)

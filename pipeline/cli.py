@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from functools import wraps
+from pathlib import Path
 
 import typer
 
@@ -107,7 +108,8 @@ def generate(
     mean: str = _opt("mean", "R,G,B mean a checkpoint was trained with", default="tag / config preprocess_cfg / OpenAI"),
     std: str = _opt("std", "R,G,B std a checkpoint was trained with", default="tag / config preprocess_cfg / OpenAI"),
     merge: int = _opt("merge", "tokens removed by merging before the saliency layer, R"),
-    attn_layer: int = _opt("attn_layer", "block whose CLS attention is the saliency; negative counts from the end"),
+    attn_layer: str = _opt("attn_layer", "block whose CLS attention is the saliency; negative counts from the end; "
+                           "auto: the block saliency-check ranks first on a sample of the input"),
     prop_attn: bool = _opt("prop_attn", "proportional attention on merged tokens", "--prop-attn/--no-prop-attn"),
     merge_schedule: str = _opt("merge_schedule", _choices(SCHEDULES)),
     method: str = _opt("method", _choices(METHODS)),
@@ -180,18 +182,94 @@ def _print_summary(result) -> None:
 # --- sample-data ---------------------------------------------------------------------------
 
 
-@app.command("sample-data")
+sample_data = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                          help="Write a small data set to try the pipeline on: demo pictures, or scenes with known object masks.")
+app.add_typer(sample_data, name="sample-data")
+
+
+@sample_data.command("demo")
 @user_errors
-def sample_data(
-    directory: str = typer.Argument(..., help="where to write llava.json and images/"),
+def sample_demo(
+    directory: str = typer.Argument("demo", help="where to write llava.json and images/"),
     n: int = typer.Option(64, "--n", help="number of samples"),
     seed: int = typer.Option(0, help="seed for the generated images"),
 ):
-    """Write a small LLaVA-format demo set (generated images, questions, answers)."""
+    """A small LLaVA-format demo set (generated pictures, questions, answers)."""
     from stages.samples.demo import write_sample_data
 
     path = write_sample_data(directory, n=n, seed=seed)
     typer.echo(f"wrote {n} samples: {path} (images under {path.parent / 'images'})")
+
+
+@sample_data.command("scenes")
+@user_errors
+def sample_scenes(
+    directory: str = typer.Argument("scenes", help="where to write the images, masks/ and scenes.json"),
+    n: int = typer.Option(256, "--n", help="number of scenes"),
+    seed: int = typer.Option(0, help="seed of the scenes (the checked-in scene tower was trained on seed 100: use another to hold out)"),
+    size: int = typer.Option(112, help="image side in pixels"),
+    layout: str = typer.Option("llava", help="llava (llava.json + images/) | folder (images/<class>/, for --folder-labels)"),
+):
+    """Scenes of one coloured shape on grey clutter, each with its pixel-exact object mask
+    (masks/ID.png) and ground truth (scenes.json): the data the trained scene tower knows and
+    saliency-check and bench/saliency.py measure masks against."""
+    from stages.samples.scenes import LAYOUTS, write_scenes
+
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if n < 1 or size < 28:
+        raise UserError(f"--n must be >= 1 and --size >= 28, got {n} and {size}")
+    path = write_scenes(directory, n=n, seed=seed, size=size, layout=layout)
+    hint = f"--input {path} --folder-labels" if layout == "folder" else f"--input {path}"
+    typer.echo(f"wrote {n} scenes with object masks under {Path(directory) / 'masks'}: {hint}")
+
+
+# --- saliency-check --------------------------------------------------------------------------
+
+
+@app.command("saliency-check")
+@user_errors
+def saliency_check_cmd(
+    input: str = typer.Option(..., "--input", "-i", help="the images to check on, any input kind generate reads"),
+    image_root: str = typer.Option(None, "--image-root", help="as generate's"),
+    folder_labels: bool = typer.Option(False, "--folder-labels/--no-folder-labels", help="as generate's"),
+    model: str = typer.Option(_default("model"), help="as generate's"),
+    pretrained: str = typer.Option(None, help=f"as generate's [{_default('pretrained')}]"),
+    quick_gelu: bool = typer.Option(None, "--quick-gelu/--no-quick-gelu", help="as generate's"),
+    mean: str = typer.Option(None, help="as generate's"),
+    std: str = typer.Option(None, help="as generate's"),
+    merge: int = typer.Option(int(_default("merge")), help="R as generate's (each block gets what its earlier blocks allow)"),
+    prop_attn: bool = typer.Option(False, "--prop-attn/--no-prop-attn", help="as generate's"),
+    merge_schedule: str = typer.Option(_default("merge_schedule"), help=_choices(SCHEDULES)),
+    resize: str = typer.Option(_default("resize"), help=_choices(RESIZE_MODES)),
+    n: int = typer.Option(256, "--n", help="images checked: the first N of the input that decode"),
+    lam: float = typer.Option(0.3, help="share of patches in the salient part"),
+    seed: int = typer.Option(0, help="seed of the random baseline's patches"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    json_out: str = typer.Option(None, "--json", help="also write the scores to this JSON file"),
+    storage_options: str = typer.Option(None, "--storage-options", help=STORAGE_HELP),
+):
+    """Rank the tower's blocks by how well their CLS attention finds what its image embedding rests
+    on, on your own images, without labels; flags a tower whose saliency is no better than random."""
+    import json
+
+    from pipeline.config import GenerateConfig, parse_storage_options
+    from stages.model.saliency_check import run_check
+
+    # The tower flags are checked as generate checks them (a wrong mean, an unknown schedule: one line).
+    cfg = GenerateConfig.build({"input": input, "output": "-", "model": model, "pretrained": pretrained,
+                                "quick_gelu": quick_gelu, "mean": mean, "std": std, "merge": merge,
+                                "prop_attn": prop_attn, "merge_schedule": merge_schedule, "resize": resize,
+                                "image_root": image_root, "device": device})
+    options = parse_storage_options(storage_options) if storage_options else None
+    result = run_check(cfg.model, cfg.pretrained, source=input, image_root=image_root, folder_labels=folder_labels,
+                       resize=resize, storage_options=options, quick_gelu=cfg.quick_gelu, mean=cfg.mean, std=cfg.std,
+                       merge=merge, prop_attn=prop_attn, schedule=merge_schedule, n=n, lam=lam, seed=seed,
+                       device=device, echo=lambda line: typer.echo(line, err=True))
+    typer.echo(result.table())
+    if json_out:
+        Path(json_out).write_text(json.dumps(result.to_json(), indent=1) + "\n")
+        typer.echo(f"wrote {json_out}")
 
 
 # --- inspect -------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ class GenerateConfig:
     mean: list[float] | None = None
     std: list[float] | None = None
     merge: int = 288
-    attn_layer: int = -2
+    attn_layer: int | str = -2  # or "auto": the block saliency-check ranks first on a sample of the input
     prop_attn: bool = False
     merge_schedule: str = "constant"
     method: str = "mergemix"
@@ -112,6 +112,7 @@ class GenerateConfig:
             parse_lam_spec(self.lam)
         except ValueError as exc:
             raise UserError(f"--lam: {exc}") from None
+        self._check_attn_layer()
         for key, low in (("samples_per_shard", 1), ("batch_size", 1), ("merge", 0), ("workers", 1)):
             value = getattr(self, key)
             if value is not None and value < low:
@@ -135,6 +136,20 @@ class GenerateConfig:
         if self.image_root is not None and "://" not in self.image_root and not Path(self.image_root).is_dir():
             raise UserError(f"--image-root {self.image_root} is not a directory")
         self._check_negatives()
+
+    def _check_attn_layer(self) -> None:
+        """A block number (text from a flag becomes an int) or "auto" (pipeline.run resolves it)."""
+        if isinstance(self.attn_layer, str) and self.attn_layer != "auto":
+            try:
+                self.attn_layer = int(self.attn_layer)
+            except ValueError:
+                raise UserError(f"--attn-layer must be a block number or auto, got {self.attn_layer!r}") from None
+        if isinstance(self.attn_layer, bool) or not isinstance(self.attn_layer, (int, str)):
+            raise UserError(f"--attn-layer must be a block number or auto, got {self.attn_layer!r}")
+
+    @property
+    def attn_layer_auto(self) -> bool:
+        return self.attn_layer == "auto"
 
     def _check_negatives(self) -> None:
         """The image-side negatives' knobs (parsed from "A,B" text where the flags give text), and

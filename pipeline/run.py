@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ray
 from tqdm import tqdm
 
 from pipeline import tasks
-from pipeline.actor import ActorMessages, UnitWorker
+from pipeline.actor import ActorMessages, UnitWorker, check_blocks
 from pipeline.config import GenerateConfig
 from pipeline.distribute import Distributor, connect, resolve_image_ops, size_from_cluster, units_in_flight
 from stages.units import Unit
@@ -27,7 +27,7 @@ from schemas.shard import IMAGE_NEGATIVES, SCHEMA_VERSION
 from stages.errors import UserError, one_line
 from stages.output.lease import Lease
 from stages.inputs.kinds import default_image_root, detect_kind, list_input
-from stages.readers.output_state import committed_units, read_run_file
+from stages.readers.output_state import committed_units, read_run_file, recorded_attn_layer
 from stages.output.cleanup import remove_leftovers, remove_output
 from stages.tome.schedule import merge_schedule
 from stages.storage import input_fs, is_url, open_store
@@ -94,6 +94,40 @@ def check_merging(cfg: GenerateConfig, tower) -> None:
         raise UserError(str(exc)) from None
 
 
+AUTO_SAMPLE = 128  # images --attn-layer auto checks: enough to rank blocks whose gaps differ by 0.1 or more
+
+
+def auto_attn_layer(cfg: GenerateConfig, store, tower) -> int:
+    """`--attn-layer auto`: the block the committed units were made with (a resume never chooses
+    again, unless --overwrite starts over); else the block saliency-check ranks first on the input's
+    first AUTO_SAMPLE images, among those that can take the whole --merge before them."""
+    kept = None if cfg.overwrite else recorded_attn_layer(store)
+    if kept is not None:
+        print(f"attn-layer auto: block {kept}, as the committed units", file=sys.stderr)
+        return kept
+    connect(cfg.address)
+    sizing = size_from_cluster(ray.cluster_resources(), 1, cfg.device)
+    task = check_blocks.options(num_cpus=sizing.actor_cpus, num_gpus=sizing.actor_gpus)
+    try:
+        found = ray.get(task.remote(cfg.to_dict(), sizing.device, sizing.threads, AUTO_SAMPLE))
+    except ray.exceptions.RayTaskError as exc:
+        why = str(exc.cause) if isinstance(exc.cause, UserError) else one_line(exc.cause or exc)
+        raise UserError(f"--attn-layer auto could not check the tower: {why}") from None
+    merge = cfg.effective_merge
+    eligible = [b for b in found["layers"] if b["merge"] == merge]
+    if not eligible:
+        raise UserError(f"--attn-layer auto: no block of this tower can take --merge {merge}; lower --merge")
+    best = max(eligible, key=lambda b: b["score"] - b["random"])
+    gap = best["score"] - best["random"]
+    print(f"attn-layer auto: block {best['layer']} (saliency-check gap {gap:.3f} over random, on "
+          f"{found['images']} images; {len(eligible)} of {tower.layers} blocks take --merge {merge})", file=sys.stderr)
+    if found["no_better_than_random"]:
+        print("warning: this tower's saliency is no better than random patches: random weights, or a wrong "
+              "--mean/--std or activation for these weights? (mergemix-pipeline saliency-check shows the table)",
+              file=sys.stderr)
+    return best["layer"]
+
+
 def generate(cfg: GenerateConfig) -> RunResult:
     t0 = time.perf_counter()
     opts = cfg.storage_options
@@ -112,10 +146,15 @@ def generate(cfg: GenerateConfig) -> RunResult:
                   "--image-format png or webp keeps the loser as made", file=sys.stderr)
     else:
         resolve_pretrained(cfg.model, tower.weights, opts, download=False)
-        check_merging(cfg, tower)
+        if not cfg.attn_layer_auto:
+            check_merging(cfg, tower)
         print(tower.summary(), file=sys.stderr)
     _check_writable(store)
+    auto = cfg.attn_layer_auto and not towerless
     with Lease(store, "generate") as lease:
+        if auto:  # before the fingerprint, which holds the block chosen
+            cfg = replace(cfg, attn_layer=auto_attn_layer(cfg, store, tower))
+            check_merging(cfg, tower)
         # The records (ids, image references, text) are part of the fingerprint: resuming after
         # the input changed would mix units of two different inputs.
         listing = list_input(cfg.input, cfg.samples_per_shard, folder_labels=cfg.folder_labels, storage_options=opts)
@@ -149,6 +188,7 @@ def generate(cfg: GenerateConfig) -> RunResult:
             "schema_version": SCHEMA_VERSION,
             "versions": package_versions(),
             "image_ops": image_ops,
+            "attn_layer_auto": auto,
             "input_kind": listing.kind,
             "inputs": listing.count,
             "units_planned": len(planned),

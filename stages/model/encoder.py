@@ -216,13 +216,22 @@ class MergingEncoder(nn.Module):
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Full tower (merging in the scheduled blocks) to the pooled, projected embedding."""
-        v = self.visual
         with self._autocast():
-            state = MergeState.start(self._embed(images.to(self.device)))
-            for i, block in enumerate(self.blocks):
-                state = merged_block(block, state, self.schedule[i] if i < len(self.schedule) else 0, self.prop_attn)
-            pooled, _ = v._pool(state.x)
-            return pooled @ v.proj if v.proj is not None else pooled
+            return self._embedding(self._embed(images.to(self.device)))
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """encode_image for uint8 pixels (B, H, W, 3) at the encoder geometry (the folded normalisation)."""
+        with self._autocast():
+            return self._embedding(self._embed_pixels(self._centred(torch.as_tensor(pixels)))).float()
+
+    def _embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        state = MergeState.start(tokens)
+        for i, block in enumerate(self.blocks):
+            state = merged_block(block, state, self.schedule[i] if i < len(self.schedule) else 0, self.prop_attn)
+        pooled, _ = v._pool(state.x)
+        return pooled @ v.proj if v.proj is not None else pooled
 
     def describe(self) -> dict:
         """What a shard records about the encoder."""

@@ -196,3 +196,19 @@ def process_start(pid: int) -> str | None:
             return f.read().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
+
+
+def recorded_attn_layer(store) -> int | None:
+    """The saliency block the committed units of an output were made with (their ok rows'
+    attn_layer), or None when none is committed: what `--attn-layer auto` keeps on a resume."""
+    import pyarrow.parquet as pq
+
+    for stats in committed_units(store).values():
+        name = shard(stats["parquet"]["file"]) if isinstance(stats.get("parquet"), dict) else None
+        if name is None:
+            continue
+        table = pq.read_table(store.open_read(name), columns=["status", "attn_layer"]).to_pylist()
+        layers = {r["attn_layer"] for r in table if r["status"] == "ok" and r["attn_layer"] is not None}
+        if layers:
+            return min(layers)
+    return None

@@ -52,3 +52,13 @@ def _apportion(total: int, weights: list[float]) -> list[int]:
     for i in order[: total - sum(shares)]:
         shares[i] += 1
     return shares
+
+
+def largest_merge(layers: int, num_tokens: int) -> int:
+    """The largest R a schedule can spread over `layers` blocks of a sequence of `num_tokens` (each
+    block taking what max_merge allows, the rest carried on): 0 before the first block."""
+    total = 0
+    for _ in range(layers):
+        take = max_merge(num_tokens)
+        total, num_tokens = total + take, num_tokens - take
+    return total
