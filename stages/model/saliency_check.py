@@ -127,7 +127,7 @@ def check_tower(base: MergingEncoder, pixels: np.ndarray, *, merge: int, lam: fl
     random_score = _contrast(base, pixels_t, whole, topk_patch_mask(rand, lams), fill)
     scores = []
     for layer in range(depth):
-        r = min(merge, largest_merge(layer, base.num_patches + 1))
+        r = min(merge, largest_merge(layer, base.num_patches + 1, schedule))
         enc = MergingEncoder(base.visual, r, layer, prop_attn, schedule, base.norm_mean, base.norm_std)
         enc.autocast_dtype, enc.tower = base.autocast_dtype, base.tower
         grid = torch.cat([enc.saliency_from_pixels(pixels_t[s:s + BATCH]).grid.flatten(1).cpu()

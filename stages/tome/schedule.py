@@ -54,11 +54,18 @@ def _apportion(total: int, weights: list[float]) -> list[int]:
     return shares
 
 
-def largest_merge(layers: int, num_tokens: int) -> int:
-    """The largest R a schedule can spread over `layers` blocks of a sequence of `num_tokens` (each
-    block taking what max_merge allows, the rest carried on): 0 before the first block."""
-    total = 0
+def largest_merge(layers: int, num_tokens: int, kind: str = "constant") -> int:
+    """The largest R that merge_schedule(R, layers, num_tokens, kind) accepts: 0 before the first
+    block. Found downwards from the greedy bound (every block taking what max_merge allows), which
+    the schedule's shares may not reach: its carry only moves on to later blocks."""
+    bound, tokens = 0, num_tokens
     for _ in range(layers):
-        take = max_merge(num_tokens)
-        total, num_tokens = total + take, num_tokens - take
-    return total
+        take = max_merge(tokens)
+        bound, tokens = bound + take, tokens - take
+    for total in range(bound, 0, -1):
+        try:
+            merge_schedule(total, layers, num_tokens, kind)
+            return total
+        except ValueError:
+            continue
+    return 0
