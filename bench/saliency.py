@@ -37,7 +37,7 @@ from common import ROOT, SCRATCH, print_table, save  # also puts the repository 
 
 from stages.samples.scenes import read_mask, write_scenes  # noqa: E402
 from stages.samples.scoring import auc, kept_share, object_patches  # noqa: E402
-from stages.tome.schedule import merge_schedule  # noqa: E402
+from stages.tome.schedule import largest_merge  # noqa: E402
 
 TOWER = ROOT / "tests" / "data" / "scene-tower"
 TRAINING_SETS = (100, 101)  # the scene sets the tower was trained and evaluated on (its README)
@@ -46,18 +46,6 @@ SALIENCY_METHODS = ("mergemix", "mergemix-official", "mergemix-r")  # masks that
 FIXED_METHODS = ("topk", "blur", "random", "cutmix", "resizemix")  # run once (topk: once per block)
 LAM = "fixed:0.3"
 LAM_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-
-
-def largest_merge(block: int, tokens: int) -> int:
-    """The most tokens the constant schedule can remove before `block`."""
-    best = 0
-    for total in range(tokens):
-        try:
-            merge_schedule(total, block, tokens)
-            best = total
-        except ValueError:
-            break
-    return best
 
 
 def encoder_settings(depth: int, patches: int, merges: str) -> list[tuple[int, int, bool]]:
@@ -193,15 +181,80 @@ def main() -> None:
         run(method, default_block, half, False)
     for method in SALIENCY_METHODS + FIXED_METHODS:  # lam ~ U(0, 1), for the bins
         run(method, default_block, half, False, "beta:1.0")
+    negatives = {m: negative_shown(work, scenes, model, weights, m, args) for m in ("crop", "rotate")}
     ray.shutdown()
 
     figures = summarise(runs, depth, patches, default_block, half)
+    figures["object_shown_by_image_negatives"] = negatives
+    figures["saliency_check"] = label_free(scenes.parent, model, weights, runs, depth, patches, half)
     report(runs, figures, settings)
     save("saliency", {
         "settings": {"scenes": args.scenes, "seed": args.seed, "merges": args.merges, "model": _shown(model), "pretrained": _shown(weights), "patches": patches, "depth": depth,
                      "object_patch": "at least half of the patch's pixels are object",
                      "lam": LAM, "image_format": "png", "resize": "squash", "seconds": round(time.time() - started, 1)},
         "figures": figures, "runs": runs}, args.out)
+
+
+def negative_shown(work: Path, scenes: Path, model: Path, weights: Path, method: str, args) -> dict:
+    """The share of each scene's object its crop or rotate loser still shows (crop: the object inside
+    the box; rotate: the object pixels the rotated frame keeps), and lam, averaged over the scenes."""
+    import json
+
+    from PIL import Image
+
+    from pipeline.config import GenerateConfig
+    from pipeline.run import generate
+
+    out = work / "out" / f"{method}-negative"
+    generate(GenerateConfig.build({
+        "input": str(scenes), "output": str(out), "model": str(model), "pretrained": str(weights), "method": method,
+        "image_format": "png", "resize": "squash", "samples_per_shard": args.samples_per_shard, "device": "cpu",
+        "seed": 0, "overwrite": True, "progress": False}))
+    masks = {m["id"]: read_mask(scenes.parent / m["mask"]) for m in json.loads((scenes.parent / "scenes.json").read_text())}
+    shown, lams = [], []
+    for row in read_output(out):
+        obj, params = masks[row["source_id"]], json.loads(row["method_params"])
+        if method == "crop":
+            t, l, h, w = params["top"], params["left"], params["height"], params["width"]
+            kept = obj[t:t + h, l:l + w].sum()
+        else:  # the object mask turned as the winner was; what leaves the canvas is lost
+            turned = np.asarray(Image.fromarray(obj.astype(np.uint8) * 255).rotate(params["angle"], resample=Image.BILINEAR))
+            kept = (turned > 127).sum()
+        shown.append(kept / max(1, obj.sum()))
+        lams.append(row["lam"])
+    return {"object_shown": float(np.mean(shown)), "lam": float(np.mean(lams)), "scenes": len(shown)}
+
+
+def label_free(root: Path, model: Path, weights: Path, runs: list[dict], depth: int, patches: int, half: int) -> dict:
+    """saliency-check (stages.model.saliency_check) on the held-out scenes, un-merged and with R = L/2,
+    against the AUC per block at the same R; and on random weights of the same tower, which it must flag."""
+    import json
+
+    from PIL import Image
+
+    from stages.model.factory import load_encoder
+    from stages.model.saliency_check import check_tower
+
+    names = [m["image"] for m in json.loads((root / "scenes.json").read_text())]
+    pixels = np.stack([np.asarray(Image.open(root / name).convert("RGB")) for name in names])
+    found = {}
+    for merge in (0, half):
+        result = check_tower(load_encoder(str(model), str(weights), merge=0), pixels, merge=merge)
+        auc = {b.layer: find(runs, method="mergemix", attn_layer=b.layer, merge=b.merge, prop_attn=False)["auc"]
+               for b in result.layers}
+        by_check = sorted(auc, key=lambda b: -next(x.gap for x in result.layers if x.layer == b))
+        best = max(auc.values())
+        found[f"R={merge}"] = {
+            "blocks": [{"layer": b.layer, "merge": b.merge, "score": b.score, "random": b.random, "auc": auc[b.layer]}
+                       for b in result.layers],
+            "recommended": result.recommended, "auc_of_recommended": auc[result.recommended], "best_auc": best,
+            "recommended_within_0.03_auc_of_best": best - auc[result.recommended] <= 0.03,
+            "ranks_the_worst_block_last": by_check[-1] == min(auc, key=auc.get),
+        }
+    random_tower = check_tower(load_encoder(str(model), "none", merge=0), pixels, merge=0)
+    found["random_weights"] = {"no_better_than_random": random_tower.no_better_than_random,
+                               "best_gap": max(b.gap for b in random_tower.layers)}
+    return found
 
 
 def find(runs: list[dict], lam: str = LAM, **keys) -> dict:
